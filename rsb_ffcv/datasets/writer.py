@@ -1,0 +1,274 @@
+"""Source → `X.beton` + `X.json`, all or nothing.
+
+Validation decodes every image first (a bad file stops the write before anything is written, or is
+skipped with on_error=skip). The beton is written to a temporary name in the output directory, fsynced
+and renamed; any failure — an exception, Ctrl-C, SIGTERM, a full disk, a worker that dies — removes the
+temporary files and leaves the output path untouched. FFCV's own writer waits forever when a worker
+dies; `_SafeWriter` checks worker exit codes while it waits.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import datetime as dt
+import json
+import os
+import queue
+import signal
+import threading
+import time
+from dataclasses import dataclass, asdict
+from multiprocessing import Process, Queue, Value
+from pathlib import Path
+
+import numpy as np
+from ffcv.fields import IntField, RGBImageField
+from ffcv.memory_allocator import MemoryAllocator
+from ffcv.writer import DatasetWriter
+from tqdm import tqdm
+
+from ..config import ConfigError
+from .images import available_cpus, load_rgb, validate_images
+from .sources import Source
+
+
+class WriteError(RuntimeError):
+    """The write could not be completed; nothing was left at the output path."""
+
+
+@dataclass
+class WriteOptions:
+    max_resolution: int = 500  # longer side; 0 keeps the original size
+    jpeg_quality: int = 90
+    compress_probability: float = 0.5  # share stored as JPEG with write_mode=proportion
+    write_mode: str = "proportion"  # raw | jpg | smart | proportion (FFCV's RGBImageField modes)
+    num_workers: int = 0  # 0: all available cores
+    chunk_size: int = 100
+    on_error: str = "fail"  # fail | skip
+    overwrite: bool = False
+    verify: bool = False
+
+    def check(self) -> None:
+        if self.write_mode not in ("raw", "jpg", "smart", "proportion"):
+            raise ConfigError(f"writer.write_mode: got '{self.write_mode}', expected raw, jpg, smart or proportion")
+        if self.on_error not in ("fail", "skip"):
+            raise ConfigError(f"writer.on_error: got '{self.on_error}', expected fail or skip")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ConfigError(f"writer.jpeg_quality: got {self.jpeg_quality}, expected 1..100")
+        if not 0.0 <= self.compress_probability <= 1.0:
+            raise ConfigError(f"writer.compress_probability: got {self.compress_probability}, expected 0..1")
+        if self.max_resolution < 0 or self.chunk_size < 1:
+            raise ConfigError("writer.max_resolution must be >= 0 and writer.chunk_size >= 1")
+
+    @property
+    def workers(self) -> int:
+        return self.num_workers if self.num_workers > 0 else available_cpus()
+
+
+class _Records:
+    """What FFCV's writer workers index: (RGB array, label)."""
+
+    def __init__(self, files, labels):
+        self.files, self.labels = files, labels
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        # FFCV's 'proportion' mode draws from np.random: seed by index so a beton is reproducible.
+        np.random.seed(i)
+        try:
+            return load_rgb(self.files[i]), self.labels[i]
+        except Exception as e:
+            raise RuntimeError(f"cannot read '{self.files[i]}': {e}") from e
+
+
+class _SafeWriter(DatasetWriter):
+    """FFCV's DatasetWriter with a progress loop that notices dead workers instead of spinning forever."""
+
+    def __init__(self, *args, desc: str = "writing", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.desc = desc
+
+    def _write_common(self, num_samples, queue_content, work_fn, extra_worker_args):
+        self.num_samples = num_samples
+        self.prepare()
+        work: Queue = Queue()
+        for todo in queue_content:
+            work.put(todo)
+        for _ in range(self.num_workers):
+            work.put(None)
+        allocations: Queue = Queue()
+        done = Value(ctypes.c_uint64, 0)
+        allocator = MemoryAllocator(self.fname, self.data_region_start, self.page_size)
+        args = (work, self.metadata_sm, self.metadata_type, self.fields, allocator, done, allocations,
+                *extra_worker_args)
+        procs = [Process(target=work_fn, args=args, daemon=True) for _ in range(self.num_workers)]
+        results = []
+        try:
+            for p in procs:
+                p.start()
+            with tqdm(total=num_samples, desc=self.desc, unit="img", dynamic_ncols=True, mininterval=0.5) as bar:
+                # Drain allocations while waiting: a worker cannot exit before its queue item is read.
+                while len(results) < len(procs):
+                    try:
+                        results.append(allocations.get(timeout=0.1))
+                    except queue.Empty:
+                        dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                        if dead:
+                            raise WriteError(f"a writer worker died (exit code {dead[0]}); see its error above")
+                    bar.update(done.value - bar.n)
+            for p in procs:
+                p.join()
+            self.finalize([a for r in results for a in r])
+        finally:
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+                    p.join(5)
+            self.metadata_sm.close()
+            self.metadata_sm.unlink()
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """Turn SIGTERM into SystemExit in the main thread so `finally` blocks clean up."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+    out = {}
+    for name in ("ffcv", "numpy", "pillow", "opencv-python-headless", "numba", "rsb_ffcv"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def sidecar_path(beton: str | os.PathLike) -> Path:
+    return Path(beton).with_suffix(".json")
+
+
+def format_bad(bad: dict[str, str]) -> str:
+    return "\n".join(f"  {p}: {why}" for p, why in sorted(bad.items()))
+
+
+def write_beton(source: Source, out: str | os.PathLike, opts: WriteOptions, extra: dict | None = None) -> dict:
+    """Validate, write `out` and its sidecar atomically; return the summary (also in the sidecar)."""
+    opts.check()
+    out = Path(out)
+    side = sidecar_path(out)
+    if out.suffix != ".beton":
+        raise ConfigError(f"writer.out '{out}' must end in .beton")
+    if (out.exists() or side.exists()) and not opts.overwrite:
+        raise ConfigError(f"'{out}' already exists: set writer.overwrite=true to replace it")
+    if not source.files:
+        raise ConfigError(f"source '{source.root}' holds no images")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    t0 = time.perf_counter()
+    bad = validate_images(source.files, opts.workers, desc=f"validating {out.name}")
+    if bad and opts.on_error == "fail":
+        raise WriteError(f"{len(bad)} unreadable images in '{source.root}'; nothing was written "
+                         f"(fix or remove them, or set writer.on_error=skip):\n{format_bad(bad)}")
+    kept = source.drop(set(bad)) if bad else source
+    if not kept.files:
+        raise WriteError(f"every image in '{source.root}' is unreadable:\n{format_bad(bad)}")
+
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp_side = side.with_name(f".{side.name}.tmp-{os.getpid()}")
+    fields = {
+        "image": RGBImageField(write_mode=opts.write_mode, max_resolution=opts.max_resolution or None,
+                               jpeg_quality=opts.jpeg_quality, compress_probability=opts.compress_probability),
+        "label": IntField(),
+    }
+    try:
+        with _sigterm_raises():
+            writer = _SafeWriter(str(tmp), fields, num_workers=min(opts.workers, len(kept.files)),
+                                 desc=f"writing {out.name}")
+            writer.from_indexed_dataset(_Records(kept.files, kept.labels), chunksize=opts.chunk_size)
+            _fsync(tmp)
+            seconds = time.perf_counter() - t0
+            counts = np.bincount(kept.labels, minlength=len(kept.classes)).tolist()
+            summary = {
+                "images": len(kept.files), "classes": len(kept.classes), "skipped": len(bad),
+                "bytes": tmp.stat().st_size, "seconds": round(seconds, 3),
+                "images_per_second": round(len(kept.files) / seconds, 1), "workers": opts.workers,
+            }
+            meta = {
+                "beton": out.name,
+                "source": {"kind": kept.kind, "root": kept.root},
+                "classes": kept.classes,
+                "class_counts": counts,
+                "options": asdict(opts),
+                "skipped": [{"path": p, "reason": r} for p, r in sorted(bad.items())],
+                "ignored": [{"path": p, "reason": r} for p, r in kept.ignored],
+                "summary": summary,
+                "versions": _versions(),
+                "written_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                # Record order: file i of this list is record i of the beton (used for ReaL labels).
+                "files": [os.path.relpath(f, kept.root) for f in kept.files],
+                "labels": list(map(int, kept.labels)),
+            }
+            if kept.boxes is not None:
+                meta["boxes"] = kept.boxes
+            meta.update(extra or {})
+            tmp_side.write_text(json.dumps(meta, indent=1))
+            _fsync(tmp_side)
+            os.replace(tmp_side, side)
+            os.replace(tmp, out)
+            _fsync(out.parent)
+    finally:
+        for p in (tmp, tmp_side):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+    if opts.verify:
+        summary["verified"] = verify_beton(out, kept.labels, workers=opts.workers)
+    return summary
+
+
+def verify_beton(path: str | os.PathLike, labels: list[int], workers: int = 1, batch_size: int = 64) -> bool:
+    """Read every record back through an FFCV Loader: count, labels in order, every image decodes."""
+    from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder
+    from ffcv.loader import Loader, OrderOption
+
+    loader = Loader(str(path), batch_size=batch_size, num_workers=workers, order=OrderOption.SEQUENTIAL, drop_last=False,
+                    pipelines={"image": [CenterCropRGBImageDecoder((32, 32), 1.0)], "label": [IntDecoder()]})
+    got = []
+    for images, lab in loader:
+        if images.shape[1:] != (32, 32, 3):
+            raise WriteError(f"verify '{path}': decoded batch has shape {images.shape}")
+        got.extend(np.asarray(lab).reshape(-1).tolist())
+    if len(got) != len(labels):
+        raise WriteError(f"verify '{path}': read {len(got)} records, expected {len(labels)}")
+    if got != list(labels):
+        first = next(i for i, (a, b) in enumerate(zip(got, labels)) if a != b)
+        raise WriteError(f"verify '{path}': label of record {first} is {got[first]}, expected {labels[first]}")
+    return True
+
+
+def summary_line(name: str, s: dict) -> str:
+    mb = s["bytes"] / 2**20
+    return (f"{name}: {s['images']} images, {s['classes']} classes, {s['skipped']} skipped, {mb:.1f} MiB, "
+            f"{s['seconds']:.1f} s, {s['images_per_second']:.0f} images/s ({s['workers']} workers)")

@@ -1,0 +1,42 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rsb_ffcv.datasets import demo
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def natural_image(seed: int, w: int = 64, h: int = 48) -> Image.Image:
+    """A real-looking test image (textured background + object), not noise or a constant."""
+    img, _ = demo.make_image(np.random.default_rng(seed), seed % len(demo.CLASSES))
+    return img.resize((w, h), Image.BILINEAR)
+
+
+def make_folder(root: Path, classes=("cat", "dog", "fish"), per_class=3, ext=".jpg", seed=0, size=None) -> Path:
+    """ImageFolder of natural-looking images; varied sizes unless `size` (FFCV's full-image decoder
+    needs one size per beton)."""
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            w, h = size or (40 + 8 * i, 32 + 4 * c)
+            natural_image(seed + 100 * c + i, w, h).save(root / name / f"img{i}{ext}", quality=95)
+    return root
+
+
+def run_cli(*args, cwd=ROOT, check=True, timeout=300):
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return make_folder(tmp_path / "train", size=(56, 40))
