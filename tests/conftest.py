@@ -40,3 +40,22 @@ def run_cli(*args, cwd=ROOT, check=True, timeout=300):
 @pytest.fixture
 def folder(tmp_path):
     return make_folder(tmp_path / "train", size=(56, 40))
+
+
+@pytest.fixture(scope="session")
+def demo_betons(tmp_path_factory):
+    """Small demo train/val betons (10 classes; 24 train and 6 val images per class, at most 96 px)."""
+    out = tmp_path_factory.mktemp("demo")
+    run_cli("write_datasets.py", f"--demo.out_dir={out}", "--demo.train_per_class=24", "--demo.val_per_class=6",
+            "--writer.max_resolution=96")
+    return out
+
+
+def tiny_args(demo, run_dir, *extra):
+    """CLI overrides for a seconds-long CPU run on the demo betons."""
+    return ["--config", str(ROOT / "rsb_configs" / "demo.yaml"),
+            f"--data.train_dataset={demo}/train.beton", f"--data.val_dataset={demo}/val.beton",
+            f"--logging.run_dir={run_dir}", "--model.arch=resnet10t", "--resolution.train=32",
+            "--resolution.test=32", "--training.batch_size=16", "--training.epochs=2",
+            "--training.steps_per_epoch=3", "--logging.log_every=1", "--logging.wandb_mode=offline",
+            "--augment.rand_augment=", *extra]

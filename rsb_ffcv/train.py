@@ -1,0 +1,345 @@
+"""`python -m rsb_ffcv.train --config rsb_configs/a3.yaml [--section.key=value ...]`
+
+One process per device (torchrun for several: NCCL on GPUs, gloo on CPU). FFCV streams uint8 crops to
+the device; RandAugment, normalisation and Mixup/CutMix run batched there; timm's model, LAMB, cosine
+schedule and BCE do the rest. Rank 0 logs (W&B + metrics.jsonl) and saves atomic checkpoints.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+
+from . import checkpoint, distributed, loaders, train_config  # noqa: F401  (train_config declares the sections)
+from .augment import Normalize, TrainAugment
+from .config import ConfigError, load_config, print_config
+from .loaders import progressive_resolution, read_sidecar, set_train_resolution, train_loader, val_loader
+from .recipe import (build_loss, build_model, build_optimizer, build_scheduler, choose_precision,
+                     maybe_compile)
+from .tracking import Tracker
+
+
+class LossNotFinite(RuntimeError):
+    pass
+
+
+def device_batch(global_batch: int, world: int, max_device_batch: int) -> tuple[int, int]:
+    """(per-device micro-batch, accumulation steps) so that micro × world × accum = global batch."""
+    if global_batch % world:
+        raise ConfigError(f"training.batch_size={global_batch} does not divide over {world} processes")
+    per_rank = global_batch // world
+    accum = 1
+    if max_device_batch and per_rank > max_device_batch:
+        accum = math.ceil(per_rank / max_device_batch)
+        while per_rank % accum:
+            accum += 1
+    return per_rank // accum, accum
+
+
+def nest(flat: dict) -> dict:
+    out: dict = {}
+    for key, value in flat.items():
+        section, name = key.split(".", 1)
+        out.setdefault(section, {})[name] = value
+    return out
+
+
+class Trainer:
+    def __init__(self, cfg: dict, d: distributed.Dist):
+        self.cfg, self.d = cfg, d
+        self.log = functools.partial(print, flush=True) if d.is_main else (lambda *a, **k: None)
+        self.run_dir = Path(cfg["logging.run_dir"])
+        self.stop_requested = False
+
+        train_meta = read_sidecar(cfg["data.train_dataset"])
+        read_sidecar(cfg["data.val_dataset"])
+        self.classes = train_meta["classes"]
+        self.micro_batch, self.accum = device_batch(cfg["training.batch_size"], d.world,
+                                                    cfg["training.max_device_batch"])
+        if (cfg["augment.mixup_alpha"] > 0 or cfg["augment.cutmix_alpha"] > 0) and self.micro_batch % 2:
+            raise ConfigError(f"Mixup/CutMix need an even per-device batch; got {self.micro_batch}")
+        resume_path = checkpoint.resolve_resume(cfg["training.resume"], self.run_dir)
+        if resume_path is None and (self.run_dir / "last.pt").exists():
+            raise ConfigError(f"logging.run_dir '{self.run_dir}' already holds a checkpoint: set "
+                              f"training.resume=auto to continue it, or choose another run_dir")
+
+        seed = cfg["training.seed"]
+        torch.manual_seed(seed)  # identical initial weights on every rank
+        self.device = d.device
+        self.precision = choose_precision(cfg["training.precision"], self.device)
+        self.model = build_model(cfg["model.arch"], len(self.classes), cfg["model.drop_path"],
+                                 cfg["model.channels_last"], self.device)
+        self.ema = None
+        if cfg["training.ema"]:
+            from timm.utils import ModelEmaV3
+            self.ema = ModelEmaV3(self.model, decay=cfg["training.ema_decay"])
+        self.optimizer = build_optimizer(self.model, cfg["optim.opt"], cfg["lr.lr"], cfg["optim.weight_decay"],
+                                         cfg["optim.momentum"])
+        self.scaler = self.precision.grad_scaler()
+        self.train_model = maybe_compile(self.model, cfg["model.compile"], self.device, self.log)
+        if d.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = torch.nn.parallel.DistributedDataParallel(self.train_model, device_ids=ids)
+
+        torch.manual_seed(seed + d.rank)  # augmentation randomness differs per rank
+        np.random.seed(seed + d.rank)
+        random.seed(seed + d.rank)
+        self.compute_threads = max(1, len(os.sched_getaffinity(0)) // d.local_world)
+        workers = cfg["data.num_workers"] or self.compute_threads
+        common = dict(num_workers=workers, os_cache=cfg["data.os_cache"], batches_ahead=cfg["data.batches_ahead"])
+        self.train_loader, self.decoder = train_loader(
+            cfg["data.train_dataset"], self.micro_batch, cfg["resolution.train"], self.device, seed=seed,
+            repeats=cfg["training.repeated_aug"], rank=d.rank, world=d.world, **common)
+        self.val_loader = val_loader(cfg["data.val_dataset"], self.micro_batch, cfg["resolution.test"],
+                                     cfg["resolution.test_crop_ratio"], self.device, rank=d.rank, world=d.world,
+                                     **common)
+        self.augment = TrainAugment(len(self.classes), cfg["augment.rand_augment"], cfg["augment.interpolation"],
+                                    cfg["augment.mixup_alpha"], cfg["augment.cutmix_alpha"],
+                                    cfg["augment.mixup_prob"], cfg["augment.mixup_switch_prob"],
+                                    cfg["augment.mixup_mode"], cfg["training.label_smoothing"]).to(self.device)
+        self.normalize = Normalize().to(self.device)
+        self.loss_fn = build_loss(cfg["training.loss"], self.augment.mixup_active, cfg["training.label_smoothing"],
+                                  cfg["training.bce_target_thresh"])
+
+        micro_per_epoch = len(self.train_loader) - len(self.train_loader) % self.accum
+        if cfg["training.steps_per_epoch"]:
+            micro_per_epoch = min(micro_per_epoch, cfg["training.steps_per_epoch"] * self.accum)
+        self.steps_per_epoch = micro_per_epoch // self.accum
+        self.scheduler, self.total_epochs = build_scheduler(
+            self.optimizer, cfg["training.epochs"], self.steps_per_epoch, cfg["lr.warmup_epochs"],
+            cfg["lr.warmup_lr"], cfg["lr.min_lr"], cfg["lr.cooldown_epochs"])
+
+        self.epoch, self.step, self.epoch_steps_done, self.best_top1 = 0, 0, 0, -1.0
+        wandb_id = None
+        if resume_path is not None:
+            wandb_id = self.load_state(checkpoint.load(resume_path))
+            self.log(f"resumed from {resume_path}: epoch {self.epoch}, step {self.step}")
+        if d.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(nest(cfg), sort_keys=True))
+        self.tracker = Tracker(self.run_dir, cfg, mode=cfg["logging.wandb_mode"], project=cfg["logging.wandb_project"],
+                               entity=cfg["logging.wandb_entity"], name=cfg["logging.run_name"] or self.run_dir.name,
+                               run_id=wandb_id, enabled=d.is_main)
+
+    # ---- checkpoints -------------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"model": self.model.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
+                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "step": self.step,
+                "epoch_steps_done": self.epoch_steps_done, "best_top1": self.best_top1, "config": self.cfg,
+                "classes": self.classes, "arch": self.cfg["model.arch"], "rng": checkpoint.rng_state(),
+                "wandb_run_id": self.tracker.run_id}
+
+    def load_state(self, s: dict):
+        self.model.load_state_dict(s["model"])
+        if self.ema is not None and s.get("ema"):
+            self.ema.load_state_dict(s["ema"])
+        self.optimizer.load_state_dict(s["optimizer"])
+        self.scaler.load_state_dict(s["scaler"])
+        self.scheduler.load_state_dict(s["scheduler"])
+        self.epoch, self.step, self.best_top1 = s["epoch"], s["step"], s["best_top1"]
+        self.epoch_steps_done = s["epoch_steps_done"]
+        if self.d.world == 1:
+            checkpoint.set_rng_state(s["rng"])
+        return s.get("wandb_run_id")
+
+    def save(self, top1: float | None, log_artifact: bool):
+        if not self.d.is_main:
+            return
+        last = checkpoint.save_atomic(self.state(), self.run_dir / "last.pt")
+        aliases = ["latest", f"epoch-{self.epoch}"]
+        if top1 is not None and top1 >= self.best_top1:
+            checkpoint.save_atomic(self.state(), self.run_dir / "best.pt")
+            aliases.append("best")
+        if log_artifact:
+            self.tracker.log_checkpoint(last, aliases, {"epoch": self.epoch, "step": self.step, "val_top1": top1})
+
+    # ---- training ------------------------------------------------------------------------------------
+    def check_health(self, nonfinite: torch.Tensor):
+        """Agree across ranks on NaN/inf loss and on stop requests (one small all-reduce)."""
+        bad, stop = self.d.all_sum([float(nonfinite.item()), float(self.stop_requested)])
+        if bad:
+            raise LossNotFinite(f"loss is not finite at step {self.step} (epoch {self.epoch}); stopped. "
+                                f"The last good checkpoint is {self.run_dir / 'last.pt'}")
+        self.stop_requested = bool(stop)
+
+    def train_epoch(self) -> dict:
+        cfg, model = self.cfg, self.train_model
+        model.train()
+        self.train_loader.traversal_order.skip_batches = self.epoch_steps_done * self.accum
+        self.train_loader.next_epoch = self.epoch
+        order_digest = hashlib.sha1(np.ascontiguousarray(
+            self.train_loader.traversal_order.positions(self.epoch)).tobytes()).hexdigest()[:12]
+        it = loaders.epoch(self.train_loader, self.compute_threads)
+        nonfinite = torch.zeros((), device=self.device, dtype=torch.bool)
+        loss_sum = torch.zeros((), device=self.device)
+        window_loss = torch.zeros((), device=self.device)
+        window_t0, window_wait, window_steps, epoch_steps = time.perf_counter(), 0.0, 0, 0
+        epoch_t0 = time.perf_counter()
+        micro = 0
+        while self.epoch_steps_done < self.steps_per_epoch and not self.stop_requested:
+            t0 = time.perf_counter()
+            images, labels = next(it)
+            window_wait += time.perf_counter() - t0
+            x, y = self.augment(images, labels)
+            boundary = (micro + 1) % self.accum == 0
+            sync = model.no_sync() if (self.d.world > 1 and not boundary) else _null()
+            with sync:
+                with self.precision.autocast():
+                    loss = self.loss_fn(model(x), y)
+                if self.step == cfg["training.debug_nan_at_step"]:
+                    loss = loss * float("nan")
+                self.scaler.scale(loss / self.accum).backward()
+            micro += 1
+            nonfinite |= ~torch.isfinite(loss.detach())
+            window_loss += loss.detach() / self.accum
+            if not boundary:
+                continue
+            if cfg["optim.clip_grad"] > 0:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg["optim.clip_grad"])
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.ema is not None:
+                self.ema.update(self.model, step=self.step)
+            self.step += 1
+            self.epoch_steps_done += 1
+            epoch_steps += 1
+            window_steps += 1
+            self.scheduler.step_update(num_updates=self.step)
+            if self.step % cfg["logging.log_every"] == 0 or self.epoch_steps_done == self.steps_per_epoch:
+                self.check_health(nonfinite)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                elapsed = time.perf_counter() - window_t0
+                loss_avg = self.d.all_sum([window_loss.item()])[0] / (self.d.world * window_steps)
+                loss_sum += window_loss
+                images_per_s = window_steps * self.micro_batch * self.accum * self.d.world / elapsed
+                metrics = {"train/loss": loss_avg, "train/lr": self.optimizer.param_groups[0]["lr"],
+                           "train/images_per_s": images_per_s, "train/data_wait": window_wait / elapsed,
+                           "epoch": self.epoch}
+                if self.device.type == "cuda":
+                    metrics["train/gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                self.tracker.log(metrics, step=self.step)
+                self.log(f"epoch {self.epoch} step {self.step} loss {loss_avg:.4f} lr {metrics['train/lr']:.3g} "
+                         f"{images_per_s:.0f} img/s data-wait {100 * metrics['train/data_wait']:.0f}%")
+                window_loss.zero_()
+                window_t0, window_wait, window_steps = time.perf_counter(), 0.0, 0
+        it.close()
+        loss_total = self.d.all_sum([(loss_sum + window_loss).item()])[0]
+        return {"train/epoch_loss": loss_total / max(1, epoch_steps * self.d.world),
+                "epoch_time_s": time.perf_counter() - epoch_t0, "order_digest": order_digest}
+
+    @torch.no_grad()
+    def evaluate(self, model) -> dict:
+        model.eval()
+        k = min(5, len(self.classes))
+        loss = c1 = ck = n = 0.0
+        for images, labels in loaders.epoch(self.val_loader, self.compute_threads):
+            with self.precision.autocast():
+                logits = model(self.normalize(images))
+            logits = logits.float()
+            loss += F.cross_entropy(logits, labels, reduction="sum").item()
+            top = logits.topk(k, dim=1).indices
+            c1 += (top[:, 0] == labels).sum().item()
+            ck += (top == labels[:, None]).any(dim=1).sum().item()
+            n += labels.numel()
+        loss, c1, ck, n = self.d.all_sum([loss, c1, ck, n])
+        return {"top1": 100 * c1 / n, f"top{k}": 100 * ck / n, "loss": loss / n, "images": int(n)}
+
+    def fit(self) -> float:
+        cfg = self.cfg
+        self.log(f"{self.d.world} process(es) on {self.device}, precision {self.precision.name}, per-device batch "
+                 f"{self.micro_batch} x {self.accum} accumulation, {self.steps_per_epoch} steps/epoch, "
+                 f"{self.total_epochs} epochs")
+        top1 = None
+        while self.epoch < self.total_epochs:
+            res = progressive_resolution(self.epoch, cfg["resolution.progressive_start"],
+                                         cfg["resolution.progressive_end"], cfg["resolution.progressive_start_epoch"],
+                                         cfg["resolution.progressive_end_epoch"], cfg["resolution.train"])
+            set_train_resolution(self.decoder, res)
+            stats = self.train_epoch()
+            if self.stop_requested:
+                self.save(None, log_artifact=False)
+                self.log(f"stopped by signal at step {self.step}; checkpoint saved to {self.run_dir / 'last.pt'} "
+                         f"(resume with --training.resume=auto)")
+                return top1
+            last = self.epoch + 1 == self.total_epochs
+            metrics = {**stats, "train/resolution": res, "epoch": self.epoch}
+            top1 = None
+            if (self.epoch + 1) % cfg["training.eval_every"] == 0 or last:
+                val = self.evaluate(self.model)
+                top1 = val["top1"]
+                metrics.update({f"val/{k}": v for k, v in val.items()})
+                if self.ema is not None:
+                    metrics.update({f"val_ema/{k}": v for k, v in self.evaluate(self.ema.module).items()})
+            self.log(f"epoch {self.epoch} done in {stats['epoch_time_s']:.1f}s: train loss "
+                     f"{stats['train/epoch_loss']:.4f}" + (f", val top-1 {top1:.2f}" if top1 is not None else ""))
+            self.epoch += 1
+            self.epoch_steps_done = 0
+            artifact_every = cfg["logging.artifact_every"]
+            self.save(top1, log_artifact=last or (artifact_every > 0 and self.epoch % artifact_every == 0))
+            if top1 is not None:
+                self.best_top1 = max(self.best_top1, top1)
+            self.tracker.log(metrics, step=self.step)
+        if top1 is not None:
+            self.tracker.summary(final_val_top1=top1, best_val_top1=self.best_top1)
+            self.log(f"final val top-1: {top1:.2f}")
+        return top1
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def main(argv=None) -> int:
+    trainer = None
+    try:
+        cfg = load_config(argv, prog="python -m rsb_ffcv.train")
+        d = distributed.init(cfg["training.device"])
+        if d.is_main:
+            print("config:")
+            print_config(cfg)
+        trainer = Trainer(cfg, d)
+
+        def request_stop(signum, frame):
+            if trainer.stop_requested:  # a second signal: stop now
+                raise KeyboardInterrupt
+            trainer.stop_requested = True
+            trainer.log(f"signal {signum}: finishing the current step, then saving")
+
+        signal.signal(signal.SIGTERM, request_stop)
+        signal.signal(signal.SIGINT, request_stop)
+        trainer.fit()
+        trainer.tracker.finish(0)
+        return 0
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (LossNotFinite, loaders.LoaderDied) as e:
+        print(f"error: {e}", file=sys.stderr)
+        if trainer is not None:
+            trainer.tracker.finish(1)
+        return 1
+    finally:
+        distributed.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

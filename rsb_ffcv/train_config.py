@@ -1,0 +1,84 @@
+"""Every trainer parameter, with help text. Keys read like the RSB paper's table (training.epochs,
+lr.lr, augment.rand_augment, augment.mixup_alpha ...): one name per idea in YAML, CLI, W&B and docs."""
+from fastargs import Param, Section
+from fastargs.validation import OneOf
+
+from .config import BoolStr
+
+Section("data", "FFCV datasets and loading").params(
+    train_dataset=Param(str, "train .beton (its .json sidecar gives the classes)", required=True),
+    val_dataset=Param(str, "val .beton", required=True),
+    num_workers=Param(int, "FFCV decode threads per process; 0 = available cores / local processes", default=0),
+    os_cache=Param(BoolStr(), "memory-map the beton through the OS page cache (best when it fits in RAM, "
+                              "and shared by the processes of a node)", default=True),
+    batches_ahead=Param(int, "batches FFCV prepares ahead of the training step", default=3),
+)
+Section("resolution", "image sizes").params(
+    train=Param(int, "RandomResizedCrop output size for training", default=224),
+    test=Param(int, "center-crop output size for evaluation", default=224),
+    test_crop_ratio=Param(float, "center crop side / shorter image side at evaluation", default=0.95),
+    progressive_start=Param(int, "progressive resizing: start resolution (0 = off)", default=0),
+    progressive_end=Param(int, "progressive resizing: end resolution", default=0),
+    progressive_start_epoch=Param(int, "progressive resizing: first epoch of the ramp", default=0),
+    progressive_end_epoch=Param(int, "progressive resizing: last epoch of the ramp", default=0),
+)
+Section("model", "network").params(
+    arch=Param(str, "timm model name", default="resnet50"),
+    drop_path=Param(float, "stochastic depth rate (timm drop_path_rate)", default=0.0),
+    channels_last=Param(BoolStr(), "channels-last memory format", default=True),
+    compile=Param(BoolStr(), "torch.compile the model (skipped with a note on CPU)", default=False),
+)
+Section("training", "the run").params(
+    epochs=Param(int, "training epochs", default=100),
+    batch_size=Param(int, "GLOBAL batch size: per-device = batch_size / (world size x accum_steps)", default=2048),
+    max_device_batch=Param(int, "largest per-device micro-batch; more is reached by gradient accumulation "
+                                "(0 = no limit)", default=0),
+    precision=Param(OneOf(["auto", "bf16", "fp16", "fp32"]),
+                    "auto: bf16 autocast on GPUs that support it (else fp16 + GradScaler), fp32 on CPU", default="auto"),
+    loss=Param(OneOf(["bce", "ce"]), "bce (timm BinaryCrossEntropy) or soft-target cross-entropy", default="bce"),
+    bce_target_thresh=Param(float, "BCE target threshold (binarise targets > thresh); 0 = off", default=0.2),
+    label_smoothing=Param(float, "label smoothing", default=0.0),
+    repeated_aug=Param(int, "repeated augmentation count (timm RepeatAugSampler); 0 or 1 = off", default=0),
+    ema=Param(BoolStr(), "keep a timm ModelEmaV3 of the weights and evaluate it too", default=False),
+    ema_decay=Param(float, "EMA decay", default=0.9998),
+    seed=Param(int, "seed for weights, data order and augmentation", default=0),
+    device=Param(OneOf(["auto", "cuda", "cpu"]), "auto: cuda when available", default="auto"),
+    resume=Param(str, "'' (fresh), auto (run_dir/last.pt if present), a checkpoint PATH, or "
+                      "wandb:ENTITY/PROJECT/NAME:ALIAS", default=""),
+    eval_every=Param(int, "evaluate every N epochs (and always after the last)", default=1),
+    steps_per_epoch=Param(int, "cap on steps per epoch (0 = the whole epoch; for smoke tests)", default=0),
+    debug_nan_at_step=Param(int, "test hook: make the loss NaN at this global step (-1 = never)", default=-1),
+)
+Section("lr", "learning-rate schedule (timm cosine, stepped per iteration)").params(
+    lr=Param(float, "peak learning rate (not scaled by batch size)", default=8e-3),
+    warmup_epochs=Param(float, "linear warmup epochs", default=5),
+    warmup_lr=Param(float, "learning rate at the start of warmup", default=1e-4),
+    min_lr=Param(float, "cosine floor", default=1e-6),
+    cooldown_epochs=Param(int, "extra epochs at min_lr after the cosine (timm's 2021 default was 10)", default=0),
+)
+Section("optim", "optimizer (timm create_optimizer_v2)").params(
+    opt=Param(OneOf(["lamb", "sgd", "adamw"]), "optimizer", default="lamb"),
+    weight_decay=Param(float, "weight decay (none on biases and norm layers)", default=0.02),
+    momentum=Param(float, "SGD momentum", default=0.9),
+    clip_grad=Param(float, "extra global grad-norm clip (0 = none; LAMB clips to 1.0 itself)", default=0.0),
+)
+Section("augment", "augmentation, batched on the device").params(
+    rand_augment=Param(str, "timm RandAugment string, e.g. rand-m6-mstd0.5-inc1 ('' = off)", default=""),
+    interpolation=Param(OneOf(["bilinear", "bicubic"]), "RandAugment geometric interpolation", default="bicubic"),
+    mixup_alpha=Param(float, "Mixup alpha (0 = off)", default=0.0),
+    cutmix_alpha=Param(float, "CutMix alpha (0 = off)", default=0.0),
+    mixup_prob=Param(float, "probability of mixing a batch", default=1.0),
+    mixup_switch_prob=Param(float, "probability of CutMix instead of Mixup when both are on", default=0.5),
+    mixup_mode=Param(OneOf(["batch", "pair", "elem"]), "timm Mixup mode", default="batch"),
+)
+Section("logging", "tracking and checkpoints").params(
+    run_dir=Param(str, "run directory (config, metrics.jsonl, checkpoints)", default="runs/default"),
+    wandb_mode=Param(OneOf(["auto", "online", "offline", "disabled"]),
+                     "auto: online when W&B credentials are configured, else offline", default="auto"),
+    wandb_project=Param(str, "W&B project", default="rsb_ffcv"),
+    wandb_entity=Param(str, "W&B entity ('' = default)", default=""),
+    run_name=Param(str, "W&B run name ('' = run_dir's name)", default=""),
+    log_every=Param(int, "log step metrics every N steps", default=50),
+    artifact_every=Param(int, "log the checkpoint as a W&B model artifact every N epochs (0 = only the last)",
+                         default=10),
+)
