@@ -35,6 +35,26 @@ def build(argv):
     return train.Trainer(cfg, distributed.init(cfg["training.device"]))
 
 
+@pytest.mark.parametrize("name", ["fp32", "bf16", "fp16"])
+def test_precisions_train_a_step_on_cpu(name):
+    from rsb_ffcv.recipe import choose_precision
+    prec = choose_precision(name, torch.device("cpu"))
+    assert choose_precision("auto", torch.device("cpu")).name == "fp32"
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = prec.grad_scaler()
+    assert scaler.is_enabled() == (name == "fp16")
+    x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 0, 1])
+    before = [p.detach().clone() for p in model.parameters()]
+    with prec.autocast():
+        out = model(x)
+    assert out.dtype == {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    scaler.scale(torch.nn.functional.cross_entropy(out.float(), y)).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
 def test_device_batch_and_accumulation():
     assert train.device_batch(2048, 8, 0) == (256, 1)
     assert train.device_batch(2048, 4, 256) == (256, 2)
@@ -45,7 +65,9 @@ def test_device_batch_and_accumulation():
 
 def test_run_logs_config_metrics_checkpoints_to_offline_wandb(demo_betons, tmp_path):
     run_dir = tmp_path / "run"
-    p = run_cli("-m", "rsb_ffcv.train", *tiny_args(demo_betons, run_dir, "--logging.artifact_every=1"))
+    p = run_cli("-m", "rsb_ffcv.train", *tiny_args(demo_betons, run_dir, "--logging.artifact_every=1",
+                                                   "--model.compile=true", "--training.ema=true"))
+    assert "note: model.compile skipped on CPU" in p.stdout  # the CUDA-only path's CPU fallback
     last_line = p.stdout.strip().splitlines()[-1]
     assert last_line.startswith("final val top-1: ")
     assert (run_dir / "last.pt").is_file() and (run_dir / "best.pt").is_file()
@@ -62,6 +84,7 @@ def test_run_logs_config_metrics_checkpoints_to_offline_wandb(demo_betons, tmp_p
     assert cfg["augment.mixup_alpha"] == 0.1 and cfg["training.batch_size"] == 16
     hist = wandb_records.history(recs)
     assert [h["_step"] for h in hist if "train/loss" in h] == [1, 2, 3, 4, 5, 6]
+    assert all("val_ema/top1" in h for h in hist if "val/top1" in h)
     vals = [h for h in hist if "val/top1" in h]
     assert len(vals) == 2 and vals[-1]["val/images"] == 60
     assert float(last_line.split()[-1]) == pytest.approx(vals[-1]["val/top1"], abs=0.01)
@@ -74,7 +97,7 @@ def test_lr_per_step_equals_timm_cosine_formula(demo_betons, tmp_path):
     run_dir = tmp_path / "lr"
     run_cli("-m", "rsb_ffcv.train", *tiny_args(demo_betons, run_dir, "--training.epochs=4", "--lr.lr=0.008",
                                                "--lr.warmup_epochs=1", "--lr.warmup_lr=1e-4", "--lr.min_lr=1e-6",
-                                               "--logging.wandb_mode=disabled"))
+                                               "--logging.wandb_mode=disabled", "--training.precision=bf16"))
     lrs = step_lrs(run_dir)
     total, warm = 4 * 3, 3
     for t, got in lrs.items():  # logged after the update: the lr for update t (timm's step_update(t))
