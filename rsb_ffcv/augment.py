@@ -1,38 +1,15 @@
 """Batch transforms on the device, between the loader and the model.
 
-uint8 N×3×H×W (channels-last) → RandAugment (optional) → float, ImageNet normalisation → Mixup/CutMix
+uint8 N×3×H×W (channels-last) → RandAugment (optional, batched, per image: rsb_ffcv.randaugment) → float,
+ImageNet normalisation → Mixup/CutMix
 (timm's `Mixup`, whose soft targets include label smoothing). The output keeps the memory format.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
-from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup
-from timm.data.auto_augment import rand_augment_transform
-from timm.data.transforms import str_to_pil_interp
 
-
-class TimmPILRandAugment(torch.nn.Module):
-    """timm's own RandAugment, image by image through PIL on the CPU.
-
-    Exactly timm's semantics (it is timm's code), but per image and slow: the reference the batched
-    device implementation is proven against, and the trainer's RandAugment until that one lands.
-    Randomness comes from Python's `random` module, as in timm.
-    """
-
-    def __init__(self, config_str: str, interpolation: str = "bicubic"):
-        super().__init__()
-        fill = tuple(min(255, round(255 * m)) for m in IMAGENET_DEFAULT_MEAN)  # (124, 116, 104), as timm
-        self.transform = rand_augment_transform(config_str, {"img_mean": fill,
-                                                             "interpolation": str_to_pil_interp(interpolation)})
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        hwc = images.permute(0, 2, 3, 1).cpu().numpy()
-        out = np.stack([np.asarray(self.transform(Image.fromarray(im))) for im in hwc])
-        result = torch.from_numpy(out).permute(0, 3, 1, 2).to(images.device, non_blocking=True)
-        return result.contiguous(memory_format=torch.channels_last) \
-            if images.is_contiguous(memory_format=torch.channels_last) else result.contiguous()
+from .randaugment import RandAugment
 
 
 class Normalize(torch.nn.Module):
@@ -54,7 +31,7 @@ class TrainAugment(torch.nn.Module):
                  mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0, mixup_prob: float = 1.0,
                  switch_prob: float = 0.5, mode: str = "batch", label_smoothing: float = 0.0):
         super().__init__()
-        self.rand_augment = TimmPILRandAugment(rand_augment, interpolation) if rand_augment else None
+        self.rand_augment = RandAugment(rand_augment, interpolation) if rand_augment else None
         self.normalize = Normalize()
         self.mixup = None
         if mixup_alpha > 0 or cutmix_alpha > 0:

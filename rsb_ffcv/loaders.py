@@ -6,6 +6,7 @@ forever on JIT → non-JIT → JIT pipelines.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import queue
 from pathlib import Path
@@ -36,6 +37,7 @@ class TrainOrder(TraversalOrder):
         super().__init__(loader)
         self.repeats, self.rank, self.world, self.batch_size = repeats, rank, world, batch_size
         self.skip_batches = 0
+        self.digest = ""  # of the last epoch's full order: lets tests and logs compare data orders
 
     def positions(self, epoch: int) -> list[int]:
         n = len(self.indices)
@@ -51,6 +53,7 @@ class TrainOrder(TraversalOrder):
 
     def sample_order(self, epoch: int):
         order = self.indices[np.asarray(self.positions(epoch), dtype=np.int64)]
+        self.digest = hashlib.sha1(order.tobytes()).hexdigest()[:12]
         if self.skip_batches:
             order, self.skip_batches = order[self.skip_batches * self.batch_size:], 0
         return order

@@ -6,8 +6,8 @@ schedule and BCE do the rest. Rank 0 logs (W&B + metrics.jsonl) and saves atomic
 """
 from __future__ import annotations
 
+import contextlib
 import functools
-import hashlib
 import math
 import os
 import random
@@ -157,10 +157,11 @@ class Trainer:
     def save(self, top1: float | None, log_artifact: bool):
         if not self.d.is_main:
             return
-        last = checkpoint.save_atomic(self.state(), self.run_dir / "last.pt")
+        state = self.state()
+        last = checkpoint.save_atomic(state, self.run_dir / "last.pt")
         aliases = ["latest", f"epoch-{self.epoch}"]
         if top1 is not None and top1 >= self.best_top1:
-            checkpoint.save_atomic(self.state(), self.run_dir / "best.pt")
+            checkpoint.save_atomic(state, self.run_dir / "best.pt")
             aliases.append("best")
         if log_artifact:
             self.tracker.log_checkpoint(last, aliases, {"epoch": self.epoch, "step": self.step, "val_top1": top1})
@@ -179,22 +180,21 @@ class Trainer:
         model.train()
         self.train_loader.traversal_order.skip_batches = self.epoch_steps_done * self.accum
         self.train_loader.next_epoch = self.epoch
-        order_digest = hashlib.sha1(np.ascontiguousarray(
-            self.train_loader.traversal_order.positions(self.epoch)).tobytes()).hexdigest()[:12]
         it = loaders.epoch(self.train_loader, self.compute_threads)
         nonfinite = torch.zeros((), device=self.device, dtype=torch.bool)
         loss_sum = torch.zeros((), device=self.device)
         window_loss = torch.zeros((), device=self.device)
         window_t0, window_wait, window_steps, epoch_steps = time.perf_counter(), 0.0, 0, 0
         epoch_t0 = time.perf_counter()
-        micro = 0
+        micro, resolution = 0, None
         while self.epoch_steps_done < self.steps_per_epoch and not self.stop_requested:
             t0 = time.perf_counter()
             images, labels = next(it)
             window_wait += time.perf_counter() - t0
+            resolution = images.shape[-1]
             x, y = self.augment(images, labels)
             boundary = (micro + 1) % self.accum == 0
-            sync = model.no_sync() if (self.d.world > 1 and not boundary) else _null()
+            sync = model.no_sync() if (self.d.world > 1 and not boundary) else contextlib.nullcontext()
             with sync:
                 with self.precision.autocast():
                     loss = self.loss_fn(model(x), y)
@@ -240,7 +240,8 @@ class Trainer:
         it.close()
         loss_total = self.d.all_sum([(loss_sum + window_loss).item()])[0]
         return {"train/epoch_loss": loss_total / max(1, epoch_steps * self.d.world),
-                "epoch_time_s": time.perf_counter() - epoch_t0, "order_digest": order_digest}
+                "epoch_time_s": time.perf_counter() - epoch_t0, "train/resolution": resolution,
+                "order_digest": self.train_loader.traversal_order.digest}
 
     @torch.no_grad()
     def evaluate(self, model) -> dict:
@@ -277,7 +278,7 @@ class Trainer:
                          f"(resume with --training.resume=auto)")
                 return top1
             last = self.epoch + 1 == self.total_epochs
-            metrics = {**stats, "train/resolution": res, "epoch": self.epoch}
+            metrics = {**stats, "epoch": self.epoch}
             top1 = None
             if (self.epoch + 1) % cfg["training.eval_every"] == 0 or last:
                 val = self.evaluate(self.model)
@@ -298,14 +299,6 @@ class Trainer:
             self.tracker.summary(final_val_top1=top1, best_val_top1=self.best_top1)
             self.log(f"final val top-1: {top1:.2f}")
         return top1
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def main(argv=None) -> int:

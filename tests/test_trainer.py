@@ -172,9 +172,9 @@ def test_a_recipe_builds_timm_components(demo_betons, tmp_path):
     assert t.model.layer4[-1].drop_path.drop_prob == pytest.approx(0.05)  # timm: linear over blocks
     assert t.train_loader.traversal_order.repeats == 3
     assert t.decoder.output_size == (224, 224)
-    ops = t.augment.rand_augment.transform
-    assert ops.num_layers == 2 and len(ops.ops) == 15
-    assert all(op.magnitude == 7 and op.magnitude_std == 0.5 and op.prob == 0.5 for op in ops.ops)
+    ra = t.augment.rand_augment
+    assert (ra.config_str, ra.num_layers, ra.magnitude, ra.magnitude_std, ra.prob, ra.interpolation) == \
+        ("rand-m7-mstd0.5-inc1", 2, 7, 0.5, 0.5, "bicubic")
     assert t.model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     s = t.scheduler
     assert (s.warmup_lr_init, s.lr_min, s.t_initial) == (1e-4, 1e-6, 600 * t.steps_per_epoch)
@@ -290,3 +290,15 @@ def test_demo_config_learns_well_above_chance(tmp_path):
                 f"--logging.run_dir={tmp_path}/run", "--logging.wandb_mode=disabled", timeout=1200)
     top1 = float(p.stdout.strip().splitlines()[-1].split()[-1])
     assert top1 >= 20.0, p.stdout[-2000:]
+
+
+def test_progressive_resizing_changes_the_decoded_size_between_epochs(demo_betons, tmp_path):
+    from rsb_ffcv.loaders import progressive_resolution
+    assert [progressive_resolution(e, 160, 192, 2, 10, 224) for e in (0, 2, 4, 8, 10, 12)] == [160] * 3 + [192] * 3
+    assert progressive_resolution(5, 0, 0, 0, 0, 224) == 224  # off
+    run_dir = tmp_path / "prog"
+    run_cli("-m", "rsb_ffcv.train", *tiny_args(demo_betons, run_dir, "--training.epochs=3", "--logging.wandb_mode=disabled",
+                                               "--resolution.progressive_start=32", "--resolution.progressive_end=64",
+                                               "--resolution.progressive_start_epoch=0",
+                                               "--resolution.progressive_end_epoch=2"))
+    assert [epoch_records(run_dir)[e]["train/resolution"] for e in (0, 1, 2)] == [32, 64, 64]
