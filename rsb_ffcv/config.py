@@ -51,8 +51,8 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _known_keys(config) -> dict:
-    return {".".join(path): param for path, param in config.entries.items()}
+def _known_keys(config, sections) -> dict:
+    return {".".join(path): param for path, param in config.entries.items() if path[0] in sections}
 
 
 def _parse_argv(argv: list[str], prog: str) -> tuple[list[str], dict]:
@@ -79,14 +79,16 @@ def _parse_argv(argv: list[str], prog: str) -> tuple[list[str], dict]:
     return args.configs, overrides
 
 
-def load_config(argv: list[str] | None = None, prog: str | None = None, defaults: dict | None = None) -> dict:
+def load_config(sections: tuple[str, ...], argv: list[str] | None = None, prog: str | None = None,
+                defaults: dict | None = None) -> dict:
     """Collect YAML files and CLI overrides into fastargs' current config, validate, return it flat.
 
-    Every fastargs Section used by the caller must already be declared (import its module first).
+    `sections` are the tool's own fastargs sections (declared by importing their module): fastargs keeps
+    one process-wide registry, so another tool's sections may be registered too; only these count.
     """
     config = get_current_config()
     config.content = {}  # a fresh collection each call (tests build several configs in one process)
-    known = _known_keys(config)
+    known = _known_keys(config, sections)
     argv = sys.argv[1:] if argv is None else argv
     files, overrides = _parse_argv(argv, prog or Path(sys.argv[0]).name)
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from . import checkpoint, distributed, loaders, train_config  # noqa: F401  (train_config declares the sections)
+from . import checkpoint, distributed, loaders, train_config
 from .augment import Normalize, TrainAugment
 from .config import ConfigError, load_config, print_config
 from .loaders import progressive_resolution, read_sidecar, set_train_resolution, train_loader, val_loader
@@ -304,7 +304,7 @@ class Trainer:
 def main(argv=None) -> int:
     trainer = None
     try:
-        cfg = load_config(argv, prog="python -m rsb_ffcv.train")
+        cfg = load_config(train_config.SECTIONS, argv, prog="python -m rsb_ffcv.train")
         d = distributed.init(cfg["training.device"])
         if d.is_main:
             print("config:")

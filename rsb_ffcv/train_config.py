@@ -5,6 +5,8 @@ from fastargs.validation import OneOf
 
 from .config import BoolStr
 
+SECTIONS = ("data", "resolution", "model", "training", "lr", "optim", "augment", "logging")
+
 Section("data", "FFCV datasets and loading").params(
     train_dataset=Param(str, "train .beton (its .json sidecar gives the classes)", required=True),
     val_dataset=Param(str, "val .beton", required=True),

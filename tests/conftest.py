@@ -38,6 +38,18 @@ def run_cli(*args, cwd=ROOT, check=True, timeout=300):
 
 
 @pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs: writing more fails with 'no space left on device' (needs root)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root and tmpfs mounts to simulate a full disk")
+    yield mnt
+    subprocess.run(["umount", str(mnt)])
+
+
+@pytest.fixture
 def folder(tmp_path):
     return make_folder(tmp_path / "train", size=(56, 40))
 

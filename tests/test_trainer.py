@@ -14,7 +14,12 @@ from timm.data.distributed_sampler import RepeatAugSampler
 import wandb_records
 from conftest import ROOT, run_cli, tiny_args
 from rsb_ffcv import distributed, train
-from rsb_ffcv.config import load_config
+from rsb_ffcv.config import load_config as _load_config
+from rsb_ffcv.train_config import SECTIONS
+
+
+def load_config(argv, **kw):
+    return _load_config(SECTIONS, argv, **kw)
 from rsb_ffcv.loaders import train_loader
 
 
@@ -280,25 +285,12 @@ def test_two_process_gloo_ddp(demo_betons, tmp_path):
     assert ck["step"] == 6 and not any(k.startswith("module.") for k in ck["model"])
 
 
-def test_demo_config_learns_well_above_chance(tmp_path):
-    """The demo recipe (15 epochs, resnet10t at 48 px) on the bundled demo betons. Measured 34.7% top-1
-    on 2 CPU cores (chance: 10%); the floor leaves room for FFCV's unseeded crop randomness."""
-    demo = tmp_path / "demo"
-    run_cli("write_datasets.py", f"--demo.out_dir={demo}")
-    p = run_cli("-m", "rsb_ffcv.train", "--config", str(ROOT / "rsb_configs" / "demo.yaml"),
-                f"--data.train_dataset={demo}/train.beton", f"--data.val_dataset={demo}/val.beton",
-                f"--logging.run_dir={tmp_path}/run", "--logging.wandb_mode=disabled", timeout=1200)
+def test_make_demo_main_job_learns_well_above_chance(tmp_path):
+    """`make demo`'s job (python -m rsb_ffcv.demo): write the demo betons, train demo.yaml (15 epochs,
+    resnet10t at 48 px). Measured 34.7% top-1 on 2 CPU cores (chance: 10%); the floor leaves room for
+    FFCV's unseeded crop randomness."""
+    p = run_cli("-m", "rsb_ffcv.demo", "--logging.wandb_mode=disabled", cwd=tmp_path, timeout=1500)
+    assert (tmp_path / "data" / "demo" / "train.beton").is_file()
+    assert len(list(tmp_path.glob("runs/demo-*/last.pt"))) == 1
     top1 = float(p.stdout.strip().splitlines()[-1].split()[-1])
     assert top1 >= 20.0, p.stdout[-2000:]
-
-
-def test_progressive_resizing_changes_the_decoded_size_between_epochs(demo_betons, tmp_path):
-    from rsb_ffcv.loaders import progressive_resolution
-    assert [progressive_resolution(e, 160, 192, 2, 10, 224) for e in (0, 2, 4, 8, 10, 12)] == [160] * 3 + [192] * 3
-    assert progressive_resolution(5, 0, 0, 0, 0, 224) == 224  # off
-    run_dir = tmp_path / "prog"
-    run_cli("-m", "rsb_ffcv.train", *tiny_args(demo_betons, run_dir, "--training.epochs=3", "--logging.wandb_mode=disabled",
-                                               "--resolution.progressive_start=32", "--resolution.progressive_end=64",
-                                               "--resolution.progressive_start_epoch=0",
-                                               "--resolution.progressive_end_epoch=2"))
-    assert [epoch_records(run_dir)[e]["train/resolution"] for e in (0, 1, 2)] == [32, 64, 64]

@@ -50,6 +50,9 @@ Section("demo", "the bundled demo dataset (source.kind=demo)").params(
 )
 
 
+SECTIONS = ("source", "writer", "demo")
+
+
 def options_from(cfg: dict) -> WriteOptions:
     return WriteOptions(**{k.split(".", 1)[1]: v for k, v in cfg.items()
                            if k.startswith("writer.") and k != "writer.out"})
@@ -97,7 +100,7 @@ def write_demo(cfg: dict, opts: WriteOptions) -> dict:
 
 def main(argv=None) -> int:
     try:
-        cfg = load_config(argv, prog="write_datasets.py")
+        cfg = load_config(SECTIONS, argv, prog="write_datasets.py")
         opts = options_from(cfg)
         if cfg["source.kind"] == "demo":
             opts.overwrite = True  # the demo is regenerated from its seed: nothing to lose
