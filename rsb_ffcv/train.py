@@ -116,6 +116,9 @@ class Trainer:
         if cfg["training.steps_per_epoch"]:
             micro_per_epoch = min(micro_per_epoch, cfg["training.steps_per_epoch"] * self.accum)
         self.steps_per_epoch = micro_per_epoch // self.accum
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"training.batch_size={cfg['training.batch_size']} is larger than an epoch of "
+                              f"'{cfg['data.train_dataset']}': lower it")
         self.scheduler, self.total_epochs = build_scheduler(
             self.optimizer, cfg["training.epochs"], self.steps_per_epoch, cfg["lr.warmup_epochs"],
             cfg["lr.warmup_lr"], cfg["lr.min_lr"], cfg["lr.cooldown_epochs"])

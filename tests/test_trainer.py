@@ -232,8 +232,9 @@ def test_existing_run_dir_and_bad_config_fail_clearly(demo_betons, tmp_path):
                      ("--training.epochs=three", "bad value for 'training.epochs'"),
                      (f"--data.val_dataset={tmp_path}/none.beton", "none.beton' not found"),
                      ("--model.arch=resnet_nope", "model.arch"),
-                     ("--training.batch_size=15", "even per-device batch")]:
-        p = run_cli("-m", "rsb_ffcv.train", *tiny_args(demo_betons, tmp_path / "x", bad,
+                     ("--training.batch_size=15", "even per-device batch"),
+                     ("--training.batch_size=480 --training.max_device_batch=16", "larger than an epoch")]:
+        p = run_cli("-m", "rsb_ffcv.train", *tiny_args(demo_betons, tmp_path / "x", *bad.split(),
                                                        "--logging.wandb_mode=disabled"), check=False)
         assert p.returncode == 2 and why in p.stderr, (bad, p.stderr[-500:])
         assert p.stderr.strip().splitlines()[-1].startswith("error: ")
