@@ -120,7 +120,7 @@ def load_config(sections: tuple[str, ...], argv: list[str] | None = None, prog: 
     for key, param in known.items():
         try:
             resolved[key] = config[key]
-        except Exception as e:  # fastargs raises MissingValueError / ValidationError
+        except Exception:  # fastargs raises MissingValueError / ValidationError
             got = config.content.get(tuple(key.split(".")))
             if got is None:
                 raise ConfigError(f"missing required key '{key}' ({param.desc})") from None

@@ -10,7 +10,6 @@ centres at +0.5, matrices mapping output to input, fill outside the image).
 """
 from __future__ import annotations
 
-import math
 import re
 
 import torch

@@ -164,10 +164,17 @@ def test_dying_worker_fails_fast_and_leaves_nothing(folder, tmp_path, monkeypatc
         os._exit(7)  # a worker killed mid-write (OOM killer, segfault in a codec)
     monkeypatch.setattr(writer_mod._Records, "__getitem__", die)
     out = tmp_path / "w.beton"
-    t0 = time.time()
-    with pytest.raises(WriteError, match="exit code 7"):
-        write_beton(image_folder(folder), out, opts())
-    assert time.time() - t0 < 60  # FFCV's own writer would wait forever
+
+    def hang(signum, frame):  # FFCV's own writer would wait forever: turn a hang into a failure
+        raise AssertionError("the writer hung after its worker died")
+    previous = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(120)
+    try:
+        with pytest.raises(WriteError, match="exit code 7"):
+            write_beton(image_folder(folder), out, opts())
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
     assert list(tmp_path.iterdir()) == [tmp_path / "train"]
 
 
@@ -179,10 +186,13 @@ def test_sigterm_mid_write_leaves_nothing(tmp_path):
                              f"--source.root={root}", f"--writer.out={out}", "--writer.num_workers=1",
                              "--writer.chunk_size=5", "--writer.write_mode=jpg"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while not any(p.name.startswith(".x.beton.tmp") for p in out.parent.iterdir()):
-        assert proc.poll() is None and time.time() < deadline, "writer ended before the temp file appeared"
+    for _ in range(12_000):  # poll until the temporary beton appears
+        if any(p.name.startswith(".x.beton.tmp") for p in out.parent.iterdir()):
+            break
+        assert proc.poll() is None, "writer ended before the temp file appeared"
         time.sleep(0.01)
+    else:
+        pytest.fail("the temporary beton never appeared")
     proc.send_signal(signal.SIGTERM)
     proc.wait(60)
     assert proc.returncode != 0
