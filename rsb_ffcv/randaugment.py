@@ -19,7 +19,6 @@ OPS = ["AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing", "S
        "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing",
        "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"]  # timm's _RAND_INCREASING_TRANSFORMS, in order
 GEOMETRIC = {"Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"}
-NEGATED = GEOMETRIC | {"ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing"}
 FILL = (124, 116, 104)  # timm: round(255 * IMAGENET_DEFAULT_MEAN)
 LEVEL_DENOM = 10.0
 

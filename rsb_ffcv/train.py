@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import yaml
 
 from . import checkpoint, distributed, loaders, train_config
-from .augment import Normalize, TrainAugment
+from .augment import TrainAugment
 from .config import ConfigError, load_config, print_config
 from .loaders import progressive_resolution, read_sidecar, set_train_resolution, train_loader, val_loader
 from .recipe import (build_loss, build_model, build_optimizer, build_scheduler, choose_precision,
@@ -108,7 +108,6 @@ class Trainer:
                                     cfg["augment.mixup_alpha"], cfg["augment.cutmix_alpha"],
                                     cfg["augment.mixup_prob"], cfg["augment.mixup_switch_prob"],
                                     cfg["augment.mixup_mode"], cfg["training.label_smoothing"]).to(self.device)
-        self.normalize = Normalize().to(self.device)
         self.loss_fn = build_loss(cfg["training.loss"], self.augment.mixup_active, cfg["training.label_smoothing"],
                                   cfg["training.bce_target_thresh"])
 
@@ -253,7 +252,7 @@ class Trainer:
         loss = c1 = ck = n = 0.0
         for images, labels in loaders.epoch(self.val_loader, self.compute_threads):
             with self.precision.autocast():
-                logits = model(self.normalize(images))
+                logits = model(self.augment.normalize(images))  # the same normalisation as training
             logits = logits.float()
             loss += F.cross_entropy(logits, labels, reduction="sum").item()
             top = logits.topk(k, dim=1).indices
