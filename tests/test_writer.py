@@ -178,24 +178,40 @@ def test_dying_worker_fails_fast_and_leaves_nothing(folder, tmp_path, monkeypatc
     assert list(tmp_path.iterdir()) == [tmp_path / "train"]
 
 
-def test_sigterm_mid_write_leaves_nothing(tmp_path):
-    root = make_folder(tmp_path / "many", classes=tuple(f"c{i}" for i in range(10)), per_class=60)
+def test_sigterm_mid_write_leaves_nothing(folder, tmp_path):
+    # The worker stops at record 3 and says so, so the signal surely lands mid-write (no race with a fast disk).
     out = tmp_path / "out" / "x.beton"
     out.parent.mkdir()
-    proc = subprocess.Popen([sys.executable, "write_datasets.py", "--source.kind=imagefolder",
-                             f"--source.root={root}", f"--writer.out={out}", "--writer.num_workers=1",
-                             "--writer.chunk_size=5", "--writer.write_mode=jpg"],
+    marker = tmp_path / "worker-blocked"
+    child = (
+        "import sys, time\n"
+        "from rsb_ffcv.datasets import writer, cli\n"
+        "get = writer._Records.__getitem__\n"
+        "def slow(self, i):\n"
+        "    if i == 3:\n"
+        f"        open({str(marker)!r}, 'w').close()\n"
+        "        time.sleep(3600)\n"
+        "    return get(self, i)\n"
+        "writer._Records.__getitem__ = slow\n"
+        "sys.exit(cli.main(sys.argv[1:]))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", child, "--source.kind=imagefolder", f"--source.root={folder}",
+                             f"--writer.out={out}", "--writer.num_workers=1", "--writer.chunk_size=1"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    for _ in range(12_000):  # poll until the temporary beton appears
-        if any(p.name.startswith(".x.beton.tmp") for p in out.parent.iterdir()):
-            break
-        assert proc.poll() is None, "writer ended before the temp file appeared"
-        time.sleep(0.01)
-    else:
-        pytest.fail("the temporary beton never appeared")
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(60)
-    assert proc.returncode != 0
+    try:
+        for _ in range(12_000):  # bounded poll for the worker to reach record 3
+            if marker.exists():
+                break
+            assert proc.poll() is None, f"writer ended early: {proc.communicate()[1].decode()[-2000:]}"
+            time.sleep(0.01)
+        else:
+            pytest.fail("the writer worker never reached record 3")
+        assert any(p.name.startswith(".x.beton.tmp") for p in out.parent.iterdir())
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM
     assert list(out.parent.iterdir()) == []
 
 
