@@ -22,6 +22,9 @@ from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import DistributedSampler
 
 from .config import ConfigError
+from .crop_decoder import CenterCropDecoder, RandomResizedCropDecoder
+
+DECODERS = ("fast", "ffcv")  # ours (crop_decoder.py) or FFCV's stock decoders, for comparison
 
 
 class TrainOrder(TraversalOrder):
@@ -107,11 +110,25 @@ def _label_pipeline(device):
     return [IntDecoder(), ToTensor(), Squeeze(1), ToDevice(device, non_blocking=True)]
 
 
+def train_decoder(kind: str, resolution: int, interpolation: str = "bicubic"):
+    """RandomResizedCrop(scale 0.08-1, ratio 3/4-4/3) + horizontal flip, as FFCV stages."""
+    if kind == "fast":
+        return [RandomResizedCropDecoder((resolution, resolution), interpolation=interpolation)]
+    return [RandomResizedCropRGBImageDecoder((resolution, resolution), scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)),
+            RandomHorizontalFlip()]
+
+
+def val_decoder(kind: str, resolution: int, crop_ratio: float, interpolation: str = "bicubic"):
+    if kind == "fast":
+        return CenterCropDecoder((resolution, resolution), crop_ratio, interpolation)
+    return CenterCropRGBImageDecoder((resolution, resolution), ratio=crop_ratio)
+
+
 def train_loader(path: str, batch_size: int, resolution: int, device: torch.device, *, num_workers: int,
-                 seed: int, repeats: int, rank: int, world: int, os_cache: bool, batches_ahead: int):
-    decoder = RandomResizedCropRGBImageDecoder((resolution, resolution), scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
-    image = [decoder, RandomHorizontalFlip(), ToTensor(), ToDevice(device, non_blocking=True),
-             ToTorchImage(channels_last=True)]
+                 seed: int, repeats: int, rank: int, world: int, os_cache: bool, batches_ahead: int,
+                 decoder: str = "fast", interpolation: str = "bicubic"):
+    stages = train_decoder(decoder, resolution, interpolation)
+    image = [*stages, ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(channels_last=True)]
     loader = Loader(path, batch_size=batch_size, num_workers=num_workers, order=OrderOption.RANDOM,
                     os_cache=os_cache, drop_last=True, seed=seed, batches_ahead=batches_ahead,
                     pipelines={"image": image, "label": _label_pipeline(device)})
@@ -122,23 +139,26 @@ def train_loader(path: str, batch_size: int, resolution: int, device: torch.devi
     if len(loader) == 0:
         raise ConfigError(f"'{path}': {len(loader.first_traversal_order)} samples per rank are fewer than the "
                           f"per-device batch {batch_size}; lower training.batch_size")
-    return loader, decoder
+    return loader, stages[0]
 
 
-def set_train_resolution(decoder: RandomResizedCropRGBImageDecoder, resolution: int) -> None:
+def set_train_resolution(decoder, resolution: int) -> None:
     """Progressive resizing: FFCV reallocates from output_size at the next epoch, no recompilation."""
     decoder.output_size = (resolution, resolution)
 
 
 def val_loader(path: str, batch_size: int, resolution: int, crop_ratio: float, device: torch.device, *,
-               num_workers: int, rank: int, world: int, os_cache: bool, batches_ahead: int):
-    """Sequential, every record once across ranks: rank r reads records r, r+world, ... (no padding)."""
+               num_workers: int, rank: int, world: int, os_cache: bool, batches_ahead: int,
+               decoder: str = "fast", interpolation: str = "bicubic", indices=None):
+    """Sequential, every record once across ranks: rank r reads records r, r+world, ... (no padding), or
+    only the given record `indices`, in that order."""
     from ffcv.reader import Reader
     n = Reader(path).num_samples
-    image = [CenterCropRGBImageDecoder((resolution, resolution), ratio=crop_ratio), ToTensor(),
+    indices = np.arange(rank, n, world) if indices is None else np.asarray(indices)
+    image = [val_decoder(decoder, resolution, crop_ratio, interpolation), ToTensor(),
              ToDevice(device, non_blocking=True), ToTorchImage(channels_last=True)]
     return Loader(path, batch_size=batch_size, num_workers=num_workers, order=OrderOption.SEQUENTIAL,
-                  os_cache=os_cache, drop_last=False, indices=np.arange(rank, n, world, dtype=np.uint64),
+                  os_cache=os_cache, drop_last=False, indices=indices.astype(np.uint64),
                   batches_ahead=batches_ahead,
                   pipelines={"image": image, "label": _label_pipeline(device)})
 

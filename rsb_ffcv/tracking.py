@@ -63,6 +63,17 @@ class Tracker:
         artifact.add_file(str(path), name="checkpoint.pt")
         self.run.log_artifact(artifact, aliases=aliases)
 
+    def log_table(self, key: str, rows: list[dict]) -> None:
+        """A W&B Table, columns from the rows' keys (missing cells: None); PIL images become wandb.Image."""
+        if not self.enabled or self.run is None or not rows:
+            return
+        import wandb
+        from PIL import Image
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+        data = [[wandb.Image(v) if isinstance(v, Image.Image) else v for v in (r.get(c) for c in columns)]
+                for r in rows]
+        self.run.log({key: wandb.Table(columns=columns, data=data)})
+
     def summary(self, **values) -> None:
         if self.enabled and self.run is not None:
             self.run.summary.update(values)

@@ -97,13 +97,15 @@ class Trainer:
         random.seed(seed + d.rank)
         self.compute_threads = max(1, len(os.sched_getaffinity(0)) // d.local_world)
         workers = cfg["data.num_workers"] or self.compute_threads
-        common = dict(num_workers=workers, os_cache=cfg["data.os_cache"], batches_ahead=cfg["data.batches_ahead"])
+        common = dict(num_workers=workers, os_cache=cfg["data.os_cache"], batches_ahead=cfg["data.batches_ahead"],
+                      decoder=cfg["data.decoder"])
         self.train_loader, self.decoder = train_loader(
             cfg["data.train_dataset"], self.micro_batch, cfg["resolution.train"], self.device, seed=seed,
-            repeats=cfg["training.repeated_aug"], rank=d.rank, world=d.world, **common)
+            repeats=cfg["training.repeated_aug"], rank=d.rank, world=d.world,
+            interpolation=cfg["data.train_interpolation"], **common)
         self.val_loader = val_loader(cfg["data.val_dataset"], self.micro_batch, cfg["resolution.test"],
                                      cfg["resolution.test_crop_ratio"], self.device, rank=d.rank, world=d.world,
-                                     **common)
+                                     interpolation=cfg["data.test_interpolation"], **common)
         self.augment = TrainAugment(len(self.classes), cfg["augment.rand_augment"], cfg["augment.interpolation"],
                                     cfg["augment.mixup_alpha"], cfg["augment.cutmix_alpha"],
                                     cfg["augment.mixup_prob"], cfg["augment.mixup_switch_prob"],
@@ -177,9 +179,33 @@ class Trainer:
                                 f"The last good checkpoint is {self.run_dir / 'last.pt'}")
         self.stop_requested = bool(stop)
 
+    def forward_backward(self, images: torch.Tensor, labels: torch.Tensor, sync_grads: bool = True) -> torch.Tensor:
+        """One micro-batch: device augmentation, forward under autocast, scaled backward (DDP all-reduces
+        the gradients only when sync_grads). Returns the detached loss."""
+        x, y = self.augment(images, labels)
+        no_sync = self.d.world > 1 and not sync_grads
+        with self.train_model.no_sync() if no_sync else contextlib.nullcontext():
+            with self.precision.autocast():
+                loss = self.loss_fn(self.train_model(x), y)
+            if self.step == self.cfg["training.debug_nan_at_step"]:
+                loss = loss * float("nan")
+            self.scaler.scale(loss / self.accum).backward()
+        return loss.detach()
+
+    def optimizer_step(self):
+        """After the last micro-batch of a step: clip if configured, step through the GradScaler, EMA."""
+        if self.cfg["optim.clip_grad"] > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg["optim.clip_grad"])
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.step)
+
     def train_epoch(self) -> dict:
-        cfg, model = self.cfg, self.train_model
-        model.train()
+        cfg = self.cfg
+        self.train_model.train()
         self.train_loader.traversal_order.skip_batches = self.epoch_steps_done * self.accum
         self.train_loader.next_epoch = self.epoch
         it = loaders.epoch(self.train_loader, self.compute_threads)
@@ -194,28 +220,14 @@ class Trainer:
             images, labels = next(it)
             window_wait += time.perf_counter() - t0
             resolution = images.shape[-1]
-            x, y = self.augment(images, labels)
             boundary = (micro + 1) % self.accum == 0
-            sync = model.no_sync() if (self.d.world > 1 and not boundary) else contextlib.nullcontext()
-            with sync:
-                with self.precision.autocast():
-                    loss = self.loss_fn(model(x), y)
-                if self.step == cfg["training.debug_nan_at_step"]:
-                    loss = loss * float("nan")
-                self.scaler.scale(loss / self.accum).backward()
+            loss = self.forward_backward(images, labels, sync_grads=boundary)
             micro += 1
-            nonfinite |= ~torch.isfinite(loss.detach())
-            window_loss += loss.detach() / self.accum
+            nonfinite |= ~torch.isfinite(loss)
+            window_loss += loss / self.accum
             if not boundary:
                 continue
-            if cfg["optim.clip_grad"] > 0:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg["optim.clip_grad"])
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.ema is not None:
-                self.ema.update(self.model, step=self.step)
+            self.optimizer_step()
             self.step += 1
             self.epoch_steps_done += 1
             epoch_steps += 1

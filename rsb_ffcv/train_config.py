@@ -14,6 +14,13 @@ Section("data", "FFCV datasets and loading").params(
     os_cache=Param(BoolStr(), "memory-map the beton through the OS page cache (best when it fits in RAM, "
                               "and shared by the processes of a node)", default=True),
     batches_ahead=Param(int, "batches FFCV prepares ahead of the training step", default=3),
+    decoder=Param(OneOf(["fast", "ffcv"]), "fast: our crop decoder (torchvision-exact crops, DCT-scaled decode, "
+                                         "antialiased resize); ffcv: FFCV's stock decoders", default="fast"),
+    train_interpolation=Param(OneOf(["bicubic", "bilinear", "random"]),
+                              "RandomResizedCrop resize filter (random: per image, timm's train.py default; "
+                              "fast decoder only)", default="bicubic"),
+    test_interpolation=Param(OneOf(["bicubic", "bilinear"]), "eval resize filter (fast decoder only)",
+                             default="bicubic"),
 )
 Section("resolution", "image sizes").params(
     train=Param(int, "RandomResizedCrop output size for training", default=224),

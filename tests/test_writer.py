@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, make_folder, natural_image, run_cli
+from conftest import ROOT, natural_image, run_cli
 from rsb_ffcv.config import ConfigError
 from rsb_ffcv.datasets import writer as writer_mod
 from rsb_ffcv.datasets.images import load_rgb, to_rgb

@@ -25,7 +25,9 @@ Section("source", "where the images come from").params(
     synsets_file=Param(str, "flatval with the devkit ground truth: meta.mat or synsets in ILSVRC2012_ID order",
                        default=""),
     classes_from=Param(str, "class order to use: train's beton sidecar (.json), a class list file, or train's "
-                            "ImageFolder; the source's class set must equal it", default=""),
+                            "ImageFolder; the source's class set must equal it. imagefolder also takes "
+                            "'imagenet1k': synset-named class directories (Imagenette, Imagewoof ...) keep their "
+                            "ImageNet-1k indices", default=""),
     subset=Param(int, "write N images only (seeded, stratified by class); 0 = all", default=0),
     seed=Param(int, "seed for subset and demo generation", default=0),
 )

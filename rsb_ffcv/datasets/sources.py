@@ -67,9 +67,19 @@ def _walk_images(class_dir: Path, ignored: list) -> list[str]:
     return out
 
 
+IMAGENET1K = "imagenet1k"  # classes_from value: ImageNet-1k's synset order (timm's ImageNetInfo)
+
+
+def imagenet_synsets() -> list[str]:
+    from timm.data import ImageNetInfo
+    return list(ImageNetInfo().label_names())
+
+
 def load_classes(classes_from: str) -> list[str]:
     """Class names in index order from a beton sidecar (.json), a text file (one per line) or an
-    ImageFolder directory (sorted sub-directories)."""
+    ImageFolder directory (sorted sub-directories), or imagenet1k (timm's ImageNet-1k synset order)."""
+    if classes_from == IMAGENET1K:
+        return imagenet_synsets()
     p = Path(classes_from)
     if p.is_dir():
         classes = sorted(e.name for e in os.scandir(p) if e.is_dir())
@@ -96,16 +106,37 @@ def _check_same_classes(found: list[str], expected: list[str], what: str) -> Non
                           f"unknown {extra[:10]}{'…' if len(extra) > 10 else ''} ({len(extra)})")
 
 
+def readable_names(classes: list[str]) -> list[str]:
+    """Class names for people: an ImageNet synset id becomes its first lemma ('n01440764' → 'tench')."""
+    from timm.data import ImageNetInfo
+    info = ImageNetInfo()
+    index = {s: i for i, s in enumerate(info.label_names())}
+    return [info.index_to_description(index[c]).split(",")[0] if c in index else c for c in classes]
+
+
 def image_folder(root, classes_from: str | None = None) -> Source:
+    """classes_from=imagenet1k: the class directories are ImageNet synsets (Imagenette, Imagewoof, any
+    subset) and keep their ImageNet-1k indices, so 1000-class models score the beton directly."""
     root = _require_dir(root)
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
     if not classes:
         raise ConfigError(f"source.root '{root}' has no class sub-directories (expected root/<class>/<image>)")
-    if classes_from:
+    present = set(classes)
+    if classes_from == IMAGENET1K:
+        synsets = imagenet_synsets()
+        unknown = sorted(present - set(synsets))
+        if unknown:
+            raise ConfigError(f"ImageFolder '{root}': {len(unknown)} class directories are not ImageNet-1k synsets "
+                              f"({', '.join(unknown[:5])}{'…' if len(unknown) > 5 else ''}); "
+                              f"source.classes_from=imagenet1k needs synset ids such as n01440764")
+        classes = synsets
+    elif classes_from:
         _check_same_classes(classes, load_classes(classes_from), f"ImageFolder '{root}'")
         classes = load_classes(classes_from)
     files, labels, ignored, empty = [], [], [], []
     for idx, name in enumerate(classes):
+        if name not in present:  # an ImageNet class the subset does not hold
+            continue
         found = _walk_images(root / name, ignored)
         if not found:
             empty.append(name)
@@ -184,7 +215,13 @@ def flat_val(root, labels_file, synsets_file: str | None = None, classes_from: s
     found = sorted(set(labels.values()))
     if classes_from:
         classes = load_classes(classes_from)
-        _check_same_classes(found, classes, f"labels file '{labels_file}'")
+        if classes_from == IMAGENET1K:  # any subset of ImageNet-1k's classes
+            unknown = sorted(set(found) - set(classes))
+            if unknown:
+                raise ConfigError(f"labels file '{labels_file}' names classes that are not ImageNet-1k synsets: "
+                                  f"{', '.join(unknown[:5])}{'…' if len(unknown) > 5 else ''}")
+        else:
+            _check_same_classes(found, classes, f"labels file '{labels_file}'")
     else:
         classes = found
     index = {c: i for i, c in enumerate(classes)}

@@ -22,6 +22,7 @@ from multiprocessing import Process, Queue, Value
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from ffcv.fields import IntField, RGBImageField
 from ffcv.memory_allocator import MemoryAllocator
 from ffcv.writer import DatasetWriter
@@ -231,8 +232,9 @@ def write_beton(source: Source, out: str | os.PathLike, opts: WriteOptions, extr
                 "files": [os.path.relpath(f, kept.root) for f in kept.files],
                 "labels": list(map(int, kept.labels)),
             }
-            if kept.boxes is not None:
+            if kept.boxes is not None:  # [x0, y0, x1, y1] in the source image's pixels, of size [w, h]
                 meta["boxes"] = kept.boxes
+                meta["box_image_sizes"] = [list(Image.open(f).size) for f in kept.files]
             meta.update(extra or {})
             tmp_side.write_text(json.dumps(meta, indent=1))
             _fsync(tmp_side)

@@ -1,0 +1,95 @@
+"""What every benchmark shares: the machine description, timing, and saving JSON + a bar chart."""
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata as md
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from ..datasets.images import available_cpus
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def machine(device: torch.device | None = None) -> dict:
+    """Hardware and library versions, so a figure can be traced to what produced it."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": available_cpus(), "python": platform.python_version(),
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "versions": {}}
+    for name in ("torch", "torchvision", "timm", "ffcv", "numba", "numpy", "pillow", "rsb_ffcv"):
+        try:
+            info["versions"][name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    if device is not None and device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
+        info["cuda"] = torch.version.cuda
+    else:
+        info["gpu"] = None
+    return info
+
+
+def describe(info: dict) -> str:
+    return info["gpu"] or f"{info['cpu']}, {info['cores']} cores"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device, min_seconds: float = 2.0, warmup: int = 1) -> float:
+    """Seconds per call of fn, after warmup calls, repeated for at least min_seconds."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    n, t0 = 0, time.perf_counter()
+    while True:
+        fn()
+        n += 1
+        sync(device)
+        if time.perf_counter() - t0 >= min_seconds:
+            return (time.perf_counter() - t0) / n
+
+
+def save(result: dict, out: str | Path, bars: dict[str, float], title: str, unit: str = "images/s",
+         log_scale: bool = False) -> Path:
+    """Write result as JSON at `out` and `bars` as a horizontal bar chart next to it (.png)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7.5, 0.5 * len(bars) + 1.4))
+    names, values = list(bars)[::-1], list(bars.values())[::-1]
+    ax.barh(names, values, color="#4c72b0")
+    for y, v in enumerate(values):
+        ax.text(v, y, f" {v:,.0f}", va="center", fontsize=8)
+    if log_scale:
+        ax.set_xscale("log")
+    ax.set_xlabel(unit)
+    ax.set_title(title, fontsize=9)
+    ax.margins(x=0.15)
+    fig.tight_layout()
+    png = out.with_suffix(".png")
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    print(f"saved {out} and {png.name}")
+    return png

@@ -1,0 +1,180 @@
+"""Training input pipelines side by side: `python -m rsb_ffcv.bench loader [--n 2000] [--res 160]`.
+
+All rows read the same ImageNet-shaped JPEG corpus on the same cores, in one run (rounds interleaved;
+the best round counts):
+- rsb_ffcv: the trainer's own train loader (our crop decoder: RandomResizedCrop + flip), CPU side;
+- rsb_ffcv + CPU RandAugment: the same, then our batched RandAugment on the CPU (no-GPU machines);
+- stock FFCV: FFCV 1.0.2's RandomResizedCrop decoder + flip in the same loader;
+- timm A3: ImageFolder + timm.data.create_transform(res, is_training=True,
+  auto_augment='rand-m6-mstd0.5-inc1', interpolation='bicubic') in a torch DataLoader;
+- timm without RandAugment;
+- decode floor: every JPEG fully decoded (libjpeg-turbo, as FFCV) in the same loader, nothing else.
+The betons hold every image as JPEG (write_mode=jpg), so every pipeline decodes every image, like timm.
+A last row uses ffcv-imagenet's usual beton (half the images stored raw), which skips half the decodes.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from ffcv.fields.rgb_image import IMAGE_MODES, SimpleRGBImageDecoder
+from ffcv.libffcv import imdecode
+from ffcv.pipeline.allocation_query import AllocationQuery
+from ffcv.pipeline.compiler import Compiler
+
+from ..datasets.sources import image_folder
+from ..datasets.writer import WriteOptions, write_beton
+from ..loaders import epoch, train_loader
+from ..randaugment import RandAugment
+from .common import describe, machine, save
+from .corpus import generate
+
+RAND_AUGMENT = "rand-m6-mstd0.5-inc1"  # A3's
+
+
+class DecodeOnly(SimpleRGBImageDecoder):
+    """The floor: decode each record's full JPEG into a scratch buffer; output one pixel."""
+
+    def declare_state_and_memory(self, previous_state):
+        size = int(self.metadata["height"].max()) * int(self.metadata["width"].max()) * 3
+        u8 = np.dtype("<u1")
+        return (replace(previous_state, jit_mode=True, shape=(1, 1, 3), dtype=u8),
+                (AllocationQuery((1, 1, 3), u8), AllocationQuery((size,), u8)))
+
+    def generate_code(self):
+        jpg, mem_read, my_range = IMAGE_MODES["jpg"], self.memory_read, Compiler.get_iterator()
+        imdecode_c = Compiler.compile(imdecode)
+
+        def decode(batch_indices, my_storage, metadata, storage_state):
+            destination, scratch = my_storage
+            for ix in my_range(len(batch_indices)):
+                field = metadata[batch_indices[ix]]
+                data = mem_read(field["data_ptr"], storage_state)
+                h, w = field["height"], field["width"]
+                if field["mode"] == jpg:
+                    imdecode_c(data, scratch[ix], h, w, h, w, 0, 0, 1, 1, False, False)
+                    destination[ix, 0, 0] = scratch[ix, :3]
+                else:
+                    destination[ix, 0, 0] = data[:3]
+            return destination[:len(batch_indices)]
+
+        decode.is_parallel = True
+        return decode
+
+
+def ffcv_rows(beton: str, res: int, batch: int, cores: int):
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.loader import Loader, OrderOption
+
+    def trainer_loader(decoder):
+        loader, _ = train_loader(beton, batch, res, torch.device("cpu"), num_workers=cores, seed=0, repeats=0,
+                                 rank=0, world=1, os_cache=True, batches_ahead=3, decoder=decoder)
+        return loader
+
+    ra = RandAugment(RAND_AUGMENT, interpolation="bicubic")
+    floor = Loader(beton, batch_size=batch, num_workers=cores, order=OrderOption.RANDOM, os_cache=True,
+                   pipelines={"image": [DecodeOnly()], "label": [IntDecoder()]})
+    return {
+        "rsb_ffcv": (trainer_loader("fast"), None),
+        "rsb_ffcv + CPU RandAugment": (trainer_loader("fast"), ra),
+        "stock FFCV": (trainer_loader("ffcv"), None),
+        "decode floor": (floor, None),
+    }
+
+
+def time_ffcv(loader, augment, cores: int, epochs: int) -> float:
+    n, t0 = 0, time.perf_counter()
+    for _ in range(epochs):
+        for images, _ in epoch(loader, cores):
+            if augment is not None:
+                images = augment(images)
+            n += len(images)
+    return n / (time.perf_counter() - t0)
+
+
+def timm_loader(corpus: str, res: int, batch: int, cores: int, rand_augment: bool):
+    from timm.data import create_transform
+    from torchvision.datasets import ImageFolder
+    tf = create_transform(res, is_training=True, auto_augment=RAND_AUGMENT if rand_augment else None,
+                          interpolation="bicubic", color_jitter=None)
+    return torch.utils.data.DataLoader(ImageFolder(corpus, transform=tf), batch_size=batch, shuffle=True,
+                                       num_workers=cores, persistent_workers=True, drop_last=True)
+
+
+def time_torch(loader, epochs: int) -> float:
+    n, t0 = 0, time.perf_counter()
+    for _ in range(epochs):
+        for images, _ in loader:
+            n += len(images)
+    return n / (time.perf_counter() - t0)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=2000, help="corpus images")
+    ap.add_argument("--corpus", default="bench_out/corpus", help="generated once, reused")
+    ap.add_argument("--res", type=int, default=160)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--epochs", type=int, default=2, help="timed epochs per row and round")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--cores", type=int, default=0, help="0 = all available")
+    ap.add_argument("--out", default="bench_out/loader.json")
+    a = ap.parse_args(argv)
+    info = machine()
+    cores = a.cores or info["cores"]
+    torch.set_num_threads(cores)
+    corpus = generate(a.corpus, a.n)
+    print(f"corpus {a.corpus}: {corpus}; {describe(info)}; {cores} cores for every pipeline")
+    betons = {}
+    for mode in ("jpg", "proportion"):
+        betons[mode] = str(Path(a.corpus).parent / f"corpus_{a.n}_{mode}.beton")
+        if not Path(betons[mode]).exists():
+            write_beton(image_folder(a.corpus), betons[mode], WriteOptions(write_mode=mode, num_workers=cores))
+
+    ffcv = ffcv_rows(betons["jpg"], a.res, a.batch, cores)
+    ffcv["rsb_ffcv, ffcv-imagenet beton (50% raw)"] = (ffcv_rows(betons["proportion"], a.res, a.batch, cores)
+                                                       ["rsb_ffcv"][0], None)
+    timm = {"timm A3 (RandAugment)": timm_loader(a.corpus, a.res, a.batch, cores, True),
+            "timm without RandAugment": timm_loader(a.corpus, a.res, a.batch, cores, False)}
+    print("warming up (numba compilation, worker start)...")
+    for loader, augment in ffcv.values():
+        time_ffcv(loader, augment, cores, 1)
+    for loader in timm.values():
+        for i, _ in enumerate(loader):
+            if i == 2:
+                break
+
+    rounds: dict[str, list[float]] = {name: [] for name in [*ffcv, *timm]}
+    for r in range(a.rounds):
+        for name, (loader, augment) in ffcv.items():
+            rounds[name].append(time_ffcv(loader, augment, cores, a.epochs))
+            print(f"round {r + 1} {name:42s} {rounds[name][-1]:8,.0f} img/s", flush=True)
+        for name, loader in timm.items():
+            rounds[name].append(time_torch(loader, a.epochs))
+            print(f"round {r + 1} {name:42s} {rounds[name][-1]:8,.0f} img/s", flush=True)
+
+    best = {name: max(v) for name, v in rounds.items()}
+    ours = best["rsb_ffcv"]
+    ratios = {"rsb_ffcv / stock FFCV": ours / best["stock FFCV"],
+              "rsb_ffcv / timm A3": ours / best["timm A3 (RandAugment)"],
+              "rsb_ffcv / decode floor": ours / best["decode floor"],
+              "rsb_ffcv + CPU RandAugment / timm A3": best["rsb_ffcv + CPU RandAugment"] / best["timm A3 (RandAugment)"]}
+    print(f"\n{'pipeline':44s} {'images/s':>9s}")
+    for name, v in best.items():
+        print(f"{name:44s} {v:9,.0f}")
+    for name, v in ratios.items():
+        print(f"{name:44s} {v:9.2f}x")
+    result = {"benchmark": "loader", "machine": info, "cores_used": cores,
+              "settings": {"resolution": a.res, "batch": a.batch, "epochs_per_round": a.epochs, "rounds": a.rounds,
+                           "rand_augment": RAND_AUGMENT, "interpolation": "bicubic", "corpus": corpus},
+              "images_per_s": best, "rounds": rounds, "ratios": ratios}
+    save(result, a.out, best, f"Training input pipeline, {a.res} px, {cores} cores ({describe(info)})")
+    return result
+
+
+if __name__ == "__main__":
+    main()
