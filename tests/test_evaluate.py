@@ -186,3 +186,19 @@ def test_gradcam_grid_table_and_localisation(demo_model, demo_betons, tmp_path):
     assert table["columns"][:3] == ["index", "image", "label"] and "early grad-cam" in table["columns"]
     assert len(table["data"]) == 4
     assert "pointing_game" in p.stdout
+
+
+def test_two_process_evaluation_equals_one(demo_model, demo_betons, tmp_path):
+    """torchrun shards records r::world; gathered back in record order the scores are identical."""
+    import os
+    import subprocess
+    import sys
+    args = ["-m", "rsb_ffcv.evaluate", f"--eval.models=demo={demo_model}/last.pt", "--eval.resolution=64",
+            f"--eval.datasets={demo_betons}/val.beton", "--eval.num_workers=1"]
+    run_cli(*args, f"--eval.out_dir={tmp_path}/one")
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    p = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", *args, f"--eval.out_dir={tmp_path}/two"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    one, two = (json.loads((tmp_path / d / "results.json").read_text())["results"][0] for d in ("one", "two"))
+    assert two["images"] == one["images"] == 60 and two["top1"] == one["top1"] and two["top5"] == one["top5"]

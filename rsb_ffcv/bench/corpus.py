@@ -29,17 +29,31 @@ def make_photo(rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(np.clip(img + grain, 0, 255).astype(np.uint8))
 
 
-def generate(root: str | os.PathLike, n: int, classes: int = 10, seed: int = 0) -> dict:
+def _make(args) -> int:
+    root, i, classes, seed = args
+    path = Path(root) / f"class{i % classes:04d}" / f"img{i:07d}.JPEG"
+    if not path.exists():
+        tmp = path.with_name(f".{path.name}.tmp")
+        make_photo(np.random.default_rng([seed, i])).save(tmp, format="JPEG", quality=90)
+        os.replace(tmp, path)  # an interrupted run leaves no truncated JPEG behind
+    return path.stat().st_size
+
+
+def generate(root: str | os.PathLike, n: int, classes: int = 10, seed: int = 0, workers: int = 0) -> dict:
+    """Create the missing images of the corpus (in parallel); existing ones are kept."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from ..datasets.images import available_cpus
     root = Path(root)
-    sizes = []
-    for i in range(n):
-        rng = np.random.default_rng([seed, i])
-        d = root / f"class{i % classes:04d}"
-        d.mkdir(parents=True, exist_ok=True)
-        path = d / f"img{i:07d}.JPEG"
-        if not path.exists():
-            make_photo(rng).save(path, quality=90)
-        sizes.append(path.stat().st_size)
+    for c in range(min(classes, n)):
+        (root / f"class{c:04d}").mkdir(parents=True, exist_ok=True)
+    jobs = [(str(root), i, classes, seed) for i in range(n)]
+    workers = workers or available_cpus()
+    if workers == 1:
+        sizes = list(map(_make, jobs))
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            sizes = list(pool.map(_make, jobs, chunksize=32))
     return {"images": n, "classes": classes, "mean_kb": round(float(np.mean(sizes)) / 1024, 1)}
 
 

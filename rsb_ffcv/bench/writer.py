@@ -1,4 +1,4 @@
-"""Writer throughput on an ImageNet-shaped JPEG folder: `python -m rsb_ffcv.bench.writer [--n 2000]`.
+"""Writer throughput on an ImageNet-shaped JPEG folder: `python -m rsb_ffcv.bench writer [--n 2000]`.
 
 Prints and saves JSON (machine, cores, versions, images/s, bytes) for write_datasets.py's path:
 full-decode validation + FFCV write at ffcv-imagenet's settings (500 px, proportion 0.5, quality 90).

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# One-command GPU validation on a CUDA machine without internet (see README, "Offline GPU clusters").
+#   scripts/gpu_check.sh BUNDLE_DIR [python -m rsb_ffcv.gpu_check options, e.g. --budget-s 420]
+# Run from the repository root. Needs: python3 (>= 3.11) with torch, torchvision, numba, opencv-python;
+# a C++ compiler and Python's headers (to build ffcv). Installs the bundle's packages into a temporary venv
+# that sees the system's site-packages (nothing is installed system-wide; no network is used), builds
+# ffcv there against the bundle's OpenCV/libjpeg-turbo, then runs the checks and benchmarks.
+# INSTALL_INTO_CURRENT=1: install into the current Python environment instead (a writable venv/conda env).
+# Results: $OUT_DIR (default gpu_check_out)/gpu_check.json plus the benchmark JSON/PNG files.
+set -euo pipefail
+[ $# -ge 1 ] || { echo "usage: scripts/gpu_check.sh BUNDLE_DIR [gpu_check options]" >&2; exit 2; }
+BUNDLE=$(realpath "$1"); shift
+[ -d "$BUNDLE/wheels" ] && [ -d "$BUNDLE/sysroot" ] || { echo "error: '$BUNDLE' is not an offline bundle (make it with scripts/make_offline_bundle.sh)" >&2; exit 2; }
+[ -f rsb_ffcv/gpu_check.py ] || { echo "error: run from the rsb_ffcv repository root" >&2; exit 2; }
+PY=${PYTHON:-python3}
+OUT_DIR=${OUT_DIR:-gpu_check_out}
+t0=$(date +%s)
+
+"$PY" - <<'PYCHECK'
+import os, sys, sysconfig, shutil
+missing = [m for m in ("torch", "torchvision", "numba", "cv2") if __import__("importlib").util.find_spec(m) is None]
+if missing:
+    sys.exit(f"error: this Python lacks {', '.join(missing)}; the bundle expects them on the GPU machine")
+if not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")):
+    sys.exit("error: Python.h not found (install the python3-dev package): ffcv compiles a C++ extension")
+if not (shutil.which("c++") or shutil.which("g++")):
+    sys.exit("error: no C++ compiler (c++/g++) on PATH: ffcv compiles a C++ extension")
+PYCHECK
+
+if [ "${INSTALL_INTO_CURRENT:-0}" = 1 ]; then
+    VPY=$PY
+else
+    WORK=$(mktemp -d "${TMPDIR:-/tmp}/rsb_ffcv_gpu.XXXXXX")
+    "$PY" -m venv --system-site-packages "$WORK/venv"
+    VPY="$WORK/venv/bin/python"
+fi
+export PIP_NO_INDEX=1 PIP_FIND_LINKS="$BUNDLE/wheels" PIP_DISABLE_PIP_VERSION_CHECK=1
+export PKG_CONFIG_PATH="$BUNDLE/sysroot/pkgconfig" PATH="$BUNDLE/sysroot/bin:$PATH"
+export LDFLAGS="-Wl,-rpath,$BUNDLE/sysroot/lib ${LDFLAGS:-}"  # libffcv finds the bundle's libraries at run time
+echo "== installing from $BUNDLE (offline) =="
+"$VPY" -m pip install --quiet fastargs terminaltables assertpy pytorch-pfn-extras "wandb>=0.17" tqdm pyyaml \
+    psutil matplotlib "timm>=1.0.9" safetensors setuptools wheel
+echo "== building ffcv 1.0.2 against the bundle's OpenCV core/imgproc and libjpeg-turbo =="
+"$VPY" -m pip install --quiet --no-build-isolation --force-reinstall --no-deps "$BUNDLE"/sdist/ffcv-1.0.2.tar.gz
+"$VPY" -m pip install --quiet --no-build-isolation "$BUNDLE"/sdist/ffcv-1.0.2.tar.gz  # its remaining deps
+"$VPY" -c "import ffcv.libffcv, ffcv.loader; print('ffcv', ffcv.__version__ if hasattr(ffcv, '__version__') else '1.0.2', 'imports')"
+echo "== setup took $(( $(date +%s) - t0 )) s =="
+export WANDB_MODE=disabled WANDB_SILENT=true
+PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}" "$VPY" -m rsb_ffcv.gpu_check --out-dir "$OUT_DIR" "$@"

@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Collect what a CUDA machine without internet needs to run rsb_ffcv, given that it already has
+# Python >= 3.11, PyTorch, torchvision, numba and (ideally) timm and opencv-python:
+#   wheels/   the missing pure-Python dependencies (fastargs, wandb and its needs, terminaltables, ...)
+#   sdist/    ffcv-1.0.2.tar.gz (built on the GPU machine by scripts/gpu_check.sh)
+#   sysroot/  OpenCV core+imgproc and libjpeg-turbo headers and shared libraries, unpacked from Debian
+#             packages (apt-get download + dpkg -x), plus pkgconfig/{opencv4,libturbojpeg}.pc covering only
+#             what ffcv links, and a pkg-config stand-in for machines without one.
+# Run on a connected Debian/Ubuntu machine (x86-64):  scripts/make_offline_bundle.sh [OUT_DIR] [PY_VERSION]
+# Then copy OUT_DIR and this repository to the GPU machine and run scripts/gpu_check.sh OUT_DIR.
+set -euo pipefail
+SCRIPTS=$(cd "$(dirname "$0")" && pwd)
+OUT=$(realpath -m "${1:-offline_bundle}")
+PY=${2:-3.12}
+PIP=${PIP:-python3 -m pip}
+rm -rf "$OUT.tmp" && mkdir -p "$OUT.tmp"/{wheels,sdist,debs,sysroot}
+cd "$OUT.tmp"
+
+echo "== wheels for Python $PY (manylinux x86-64) =="
+# Pure-Python packages published only as sdists: build their (platform-independent) wheels here.
+$PIP wheel --quiet --no-deps --wheel-dir wheels fastargs terminaltables assertpy
+# The rest as binary wheels for the GPU machine's Python; timm (and matplotlib for the charts) in case it
+# lacks them: pip there installs only what is missing. timm goes without its deps (torch is there).
+$PIP download --quiet --dest wheels --only-binary=:all: --python-version "$PY" --implementation cp \
+    --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
+    --platform any \
+    pytorch-pfn-extras "wandb>=0.17" tqdm pyyaml psutil matplotlib safetensors huggingface_hub setuptools wheel
+$PIP download --quiet --dest wheels --only-binary=:all: --no-deps "timm>=1.0.9"
+# torch and friends are on the GPU machine already: never ship them.
+rm -f wheels/torch-* wheels/torchvision-* wheels/nvidia_* wheels/triton-* wheels/numpy-* wheels/sympy-* \
+      wheels/networkx-* wheels/mpmath-* wheels/jinja2-* wheels/MarkupSafe-* wheels/cuda_* wheels/pillow-*
+
+echo "== ffcv sdist =="
+$PIP download --quiet --dest sdist --no-deps --no-binary :all: ffcv==1.0.2
+
+echo "== OpenCV core/imgproc + libjpeg-turbo from Debian packages =="
+PKGS="libopencv-core-dev libopencv-imgproc-dev libopencv-core406 libopencv-imgproc406 libturbojpeg0
+      libturbojpeg0-dev libtbb12 libblas3 liblapack3 libgfortran5 libquadmath0 libglx0 libglvnd0
+      libx11-6 libxcb1 libxau6 libxdmcp6 libbsd0 libmd0"
+(cd debs && apt-get download $PKGS >/dev/null)
+for deb in debs/*.deb; do dpkg -x "$deb" sysroot/full; done
+ML=usr/lib/x86_64-linux-gnu
+mkdir -p sysroot/include/opencv4/opencv2 sysroot/lib sysroot/pkgconfig sysroot/bin
+cp -a sysroot/full/usr/include/turbojpeg.h sysroot/include/
+cp -a sysroot/full/usr/include/opencv4/opencv2/{core,imgproc,core.hpp,imgproc.hpp,opencv.hpp} \
+      sysroot/include/opencv4/opencv2/
+# opencv.hpp includes every module listed here: list only the two we ship.
+printf '#ifndef OPENCV_MODULES_HPP\n#define OPENCV_MODULES_HPP\n#define HAVE_OPENCV_CORE\n#define HAVE_OPENCV_IMGPROC\n#endif\n' \
+    > sysroot/include/opencv4/opencv2/opencv_modules.hpp
+# (only -I/-L/-l tokens: ffcv's setup.py maps nothing else; gpu_check.sh sets the rpath via LDFLAGS.)
+# Shared libraries that are not part of a typical CUDA image (glibc, libstdc++, libgcc, zlib are).
+for lib in libopencv_core libopencv_imgproc libturbojpeg libtbb libblas liblapack libgfortran libquadmath \
+           libGLX libGLdispatch libX11 libxcb libXau libXdmcp libbsd libmd; do
+    cp -a sysroot/full/$ML/$lib.so* sysroot/lib/ 2>/dev/null || cp -a sysroot/full/$ML/*/$lib.so* sysroot/lib/ 2>/dev/null || true
+done
+# Debian routes BLAS/LAPACK through alternatives directories: bring the real files up.
+find sysroot/full -name 'libblas.so.3*' -o -name 'liblapack.so.3*' | xargs -r -I{} cp -L {} sysroot/lib/
+for lib in libopencv_core libopencv_imgproc libturbojpeg; do
+    ls sysroot/lib/$lib.so* >/dev/null || { echo "missing $lib in the Debian packages" >&2; exit 1; }
+done
+rm -rf sysroot/full
+cat > sysroot/pkgconfig/opencv4.pc <<'PC'
+prefix=${pcfiledir}/..
+includedir=${prefix}/include/opencv4
+libdir=${prefix}/lib
+Name: OpenCV (core + imgproc only)
+Description: the OpenCV modules ffcv links
+Version: 4.6.0
+Cflags: -I${includedir}
+Libs: -L${libdir} -lopencv_imgproc -lopencv_core
+PC
+cat > sysroot/pkgconfig/libturbojpeg.pc <<'PC'
+prefix=${pcfiledir}/..
+includedir=${prefix}/include
+libdir=${prefix}/lib
+Name: libturbojpeg
+Description: TurboJPEG API of libjpeg-turbo
+Version: 2.1.5
+Cflags: -I${includedir}
+Libs: -L${libdir} -lturbojpeg
+PC
+cp "$SCRIPTS/pkg_config_standin.py" sysroot/bin/pkg-config
+chmod +x sysroot/bin/pkg-config
+rm -rf debs
+cd /
+rm -rf "$OUT" && mv "$OUT.tmp" "$OUT"
+echo "== bundle $OUT: $(du -sh "$OUT" | cut -f1) =="
+du -sh "$OUT"/* | sed 's/^/  /'
