@@ -24,7 +24,7 @@ from ffcv.libffcv import imdecode
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.state import State
-from numba import njit
+from numba import get_num_threads, njit
 
 INTERPOLATIONS = {"bilinear": 0, "bicubic": 1, "random": 2}  # random: per image, as timm's train default
 DCT_SCALES = (1, 2, 4, 8)  # eighths; the power-of-two scales have libjpeg-turbo's fastest IDCTs
@@ -123,11 +123,17 @@ def coefficients(start, length, out_size, lo, hi, cubic):
     return first, count, weights
 
 
+@njit(cache=True)
+def scratch_size(width, out_h):
+    return (width + 8) * (out_h * 3 + 3)
+
+
 @njit(fastmath=True, cache=True)
-def resize_box(src, y0, x0, bh, bw, clamp_to_box, cubic, flip, dst):
+def resize_box(src, y0, x0, bh, bw, clamp_to_box, cubic, flip, dst, scratch):
     """Resample the box (y0, x0, bh, bw) of src (H x W x 3 uint8, float box) into dst (h x w x 3),
     mirrored if flip. Taps stay inside the box (torchvision's resized_crop) or the image (PIL resize
-    of the whole image, then crop: timm's eval).
+    of the whole image, then crop: timm's eval). scratch: float32, at least scratch_size(W, h) values
+    (reused across calls: allocating it per image halves the speed of parallel decoding).
 
     Vertical pass first, stored transposed, so both passes run over contiguous memory (SIMD).
     """
@@ -144,8 +150,8 @@ def resize_box(src, y0, x0, bh, bw, clamp_to_box, cubic, flip, dst):
     n = (xf[out_w - 1] + xn[out_w - 1] - c0) * 3  # floats per row of the columns the taps read
     m = out_h * 3
     rows = src.reshape(height, width * 3)
-    cols = np.empty((n // 3, m), np.float32)  # vertical pass output, transposed
-    line = np.empty(n, np.float32)
+    cols = scratch[:(n // 3) * m].reshape(n // 3, m)  # vertical pass output, transposed
+    line = scratch[(n // 3) * m:(n // 3) * m + n]
     # (Inner loops run over slices: that lets LLVM vectorise them, ~10x faster than offset indexing.)
     for j in range(out_h):
         for q in range(n):
@@ -193,7 +199,7 @@ class _CropResizeDecoder(SimpleRGBImageDecoder):
 
     def declare_state_and_memory(self, previous_state: State):
         max_h = int(self.metadata["height"].max())
-        max_w = int(self.metadata["width"].max())
+        max_w = self.max_width = int(self.metadata["width"].max())
         out_h, out_w = self.output_size
         out = (out_h, out_w, 3)
         u8 = np.dtype("<u1")
@@ -210,34 +216,42 @@ class _CropResizeDecoder(SimpleRGBImageDecoder):
         interp = INTERPOLATIONS[self.interpolation]
         scales = self.dct_scales
 
+        max_width = self.max_width
+
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, decoded = my_storage
             out_h, out_w = destination.shape[1], destination.shape[2]
-            for ix in my_range(len(batch_indices)):
-                field = metadata[batch_indices[ix]]
-                data = mem_read(field["data_ptr"], storage_state)
-                height, width = np.int64(field["height"]), np.int64(field["width"])
-                if is_random:
-                    top, left, h, w = random_crop(height, width, params[0], params[1], params[2], params[3])
-                    y0, x0, bh, bw = float(top), float(left), float(h), float(w)
-                    flip = np.random.random() < params[4]
-                    cubic = interp == 1 or (interp == 2 and np.random.random() < 0.5)
-                else:
-                    y0, x0, bh, bw = center_box(height, width, out_h, params[0])
-                    flip = False
-                    cubic = interp == 1
-                if field["mode"] == jpg:
-                    k = dct_eighths(bh, bw, out_h, out_w, scales)
-                    sh, sw = (height * k + 7) // 8, (width * k + 7) // 8
-                    buf = decoded[ix]
-                    imdecode_c(data, buf, height, width, height, width, 0, 0, k, 8, False, False)
-                    src = buf[:sh * sw * 3].reshape(sh, sw, 3)
-                    f = k / 8.0
-                    y0, x0, bh, bw = y0 * f, x0 * f, bh * f, bw * f
-                else:
-                    src = data.reshape(height, width, 3)
-                resize_box(src, y0, x0, bh, bw, is_random, cubic, flip, destination[ix])
-            return destination[:len(batch_indices)]
+            n = len(batch_indices)
+            # One resize scratch per worker, allocated once per batch (per image it would cost half the
+            # parallel speed); worker w takes images w, w + workers, ...
+            workers = max(1, min(get_num_threads(), n))
+            scratch = np.empty((workers, scratch_size(max_width, out_h)), np.float32)
+            for worker in my_range(workers):
+                for ix in range(worker, n, workers):
+                    field = metadata[batch_indices[ix]]
+                    data = mem_read(field["data_ptr"], storage_state)
+                    height, width = np.int64(field["height"]), np.int64(field["width"])
+                    if is_random:
+                        top, left, h, w = random_crop(height, width, params[0], params[1], params[2], params[3])
+                        y0, x0, bh, bw = float(top), float(left), float(h), float(w)
+                        flip = np.random.random() < params[4]
+                        cubic = interp == 1 or (interp == 2 and np.random.random() < 0.5)
+                    else:
+                        y0, x0, bh, bw = center_box(height, width, out_h, params[0])
+                        flip = False
+                        cubic = interp == 1
+                    if field["mode"] == jpg:
+                        k = dct_eighths(bh, bw, out_h, out_w, scales)
+                        sh, sw = (height * k + 7) // 8, (width * k + 7) // 8
+                        buf = decoded[ix]
+                        imdecode_c(data, buf, height, width, height, width, 0, 0, k, 8, False, False)
+                        src = buf[:sh * sw * 3].reshape(sh, sw, 3)
+                        f = k / 8.0
+                        y0, x0, bh, bw = y0 * f, x0 * f, bh * f, bw * f
+                    else:
+                        src = data.reshape(height, width, 3)
+                    resize_box(src, y0, x0, bh, bw, is_random, cubic, flip, destination[ix], scratch[worker])
+            return destination[:n]
 
         decode.is_parallel = True
         return decode

@@ -31,6 +31,10 @@ def psnr(a, b) -> float:
     return float("inf") if mse == 0 else 10 * math.log10(255 ** 2 / mse)
 
 
+def scratch_for(src, out):
+    return np.empty(cd.scratch_size(src.shape[1], out.shape[0]), np.float32)
+
+
 def torchvision_crop(img: np.ndarray, box, size, mode, flip=False) -> np.ndarray:
     t = TF.resized_crop(torch.from_numpy(np.array(img)).permute(2, 0, 1), *box, list(size), interpolation=MODES[mode],
                         antialias=True)
@@ -75,7 +79,7 @@ def test_resize_matches_torchvision_antialias(mode, box, size):
     img = photo(3)[:375, :500]
     for flip in (False, True):
         out = np.empty((*size, 3), np.uint8)
-        cd.resize_box(img, *map(float, box), True, mode == "bicubic", flip, out)
+        cd.resize_box(img, *map(float, box), True, mode == "bicubic", flip, out, scratch_for(img, out))
         ref = torchvision_crop(img, box, size, mode, flip)
         # torchvision's uint8 kernel rounds its intermediate to uint8 (as PIL); ours keeps float32.
         diff = np.abs(out.astype(int) - ref)
@@ -96,7 +100,7 @@ def test_dct_scaled_decode_stays_close_to_the_full_decode():
     imdecode(data, small, h, w, h, w, 0, 0, k, 8, False, False)
     out = np.empty((*size, 3), np.uint8)
     f = k / 8
-    cd.resize_box(small, box[0] * f, box[1] * f, box[2] * f, box[3] * f, True, True, False, out)
+    cd.resize_box(small, box[0] * f, box[1] * f, box[2] * f, box[3] * f, True, True, False, out, scratch_for(small, out))
     ref = torchvision_crop(full, box, size, "bicubic")
     assert psnr(out, ref) > 40, psnr(out, ref)  # measured 45.8 dB at k=4
 
@@ -105,7 +109,7 @@ def test_enlarging_has_no_nearest_neighbour_blocks():
     img = photo(7)
     box, size = (100, 100, 20, 20), (160, 160)
     ours = np.empty((*size, 3), np.uint8)
-    cd.resize_box(img, *map(float, box), True, True, False, ours)
+    cd.resize_box(img, *map(float, box), True, True, False, ours, scratch_for(img, ours))
     stock = np.empty((*size, 3), np.uint8)
     resize_crop(np.ascontiguousarray(img), 100, 120, 100, 120, stock)  # FFCV 1.0.2's INTER_AREA
     def repeated(a):  # share of horizontally adjacent pixels that are identical

@@ -1,7 +1,7 @@
 """Training input pipelines side by side: `python -m rsb_ffcv.bench loader [--n 2000] [--res 160]`.
 
-All rows read the same ImageNet-shaped JPEG corpus on the same cores, in one run (rounds interleaved;
-the best round counts):
+All rows read the same ImageNet-shaped JPEG corpus on the same cores, in one run, in rounds (every
+pipeline once per round, back to back; ratios are taken within a round, then the median over rounds):
 - rsb_ffcv: the trainer's own train loader (our crop decoder: RandomResizedCrop + flip), CPU side;
 - rsb_ffcv + CPU RandAugment: the same, then our batched RandAugment on the CPU (no-GPU machines);
 - stock FFCV: FFCV 1.0.2's RandomResizedCrop decoder + flip in the same loader;
@@ -20,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 from ffcv.fields.rgb_image import IMAGE_MODES, SimpleRGBImageDecoder
 from ffcv.libffcv import imdecode
@@ -66,34 +67,50 @@ class DecodeOnly(SimpleRGBImageDecoder):
         return decode
 
 
-def ffcv_rows(beton: str, res: int, batch: int, cores: int):
+def trainer_loader(beton: str, decoder: str, res: int, batch: int, cores: int):
+    """The trainer's own train loader (CPU side)."""
+    loader, _ = train_loader(beton, batch, res, torch.device("cpu"), num_workers=cores, seed=0, repeats=0, rank=0,
+                             world=1, os_cache=True, batches_ahead=3, decoder=decoder)
+    return loader
+
+
+def ffcv_rows(beton: str, raw_beton: str, res: int, batch: int, cores: int):
     from ffcv.fields.basics import IntDecoder
     from ffcv.loader import Loader, OrderOption
-
-    def trainer_loader(decoder):
-        loader, _ = train_loader(beton, batch, res, torch.device("cpu"), num_workers=cores, seed=0, repeats=0,
-                                 rank=0, world=1, os_cache=True, batches_ahead=3, decoder=decoder)
-        return loader
-
-    ra = RandAugment(RAND_AUGMENT, interpolation="bicubic")
     floor = Loader(beton, batch_size=batch, num_workers=cores, order=OrderOption.RANDOM, os_cache=True,
                    pipelines={"image": [DecodeOnly()], "label": [IntDecoder()]})
     return {
-        "rsb_ffcv": (trainer_loader("fast"), None),
-        "rsb_ffcv + CPU RandAugment": (trainer_loader("fast"), ra),
-        "stock FFCV": (trainer_loader("ffcv"), None),
+        "rsb_ffcv": (trainer_loader(beton, "fast", res, batch, cores), None),
+        "rsb_ffcv + CPU RandAugment": (trainer_loader(beton, "fast", res, batch, cores),
+                                       RandAugment(RAND_AUGMENT, interpolation="bicubic")),
+        "stock FFCV": (trainer_loader(beton, "ffcv", res, batch, cores), None),
         "decode floor": (floor, None),
+        "rsb_ffcv, ffcv-imagenet beton (50% raw)": (trainer_loader(raw_beton, "fast", res, batch, cores), None),
     }
 
 
-def time_ffcv(loader, augment, cores: int, epochs: int) -> float:
-    n, t0 = 0, time.perf_counter()
+def cpu_seconds() -> float:
+    """CPU time of this process (FFCV's threads) and its children (DataLoader workers): the work done,
+    which a noisy shared machine disturbs far less than wall time."""
+    me = psutil.Process()
+    total = sum(me.cpu_times()[:2])
+    for child in me.children(recursive=True):
+        try:
+            total += sum(child.cpu_times()[:2])
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def timed_epochs(batches, epochs: int, augment=None) -> tuple[float, float]:
+    """(images per wall second, images per CPU second) over `epochs` passes of batches()."""
+    n, t0, c0 = 0, time.perf_counter(), cpu_seconds()
     for _ in range(epochs):
-        for images, _ in epoch(loader, cores):
+        for images, _ in batches():
             if augment is not None:
                 images = augment(images)
             n += len(images)
-    return n / (time.perf_counter() - t0)
+    return n / (time.perf_counter() - t0), n / (cpu_seconds() - c0)
 
 
 def timm_loader(corpus: str, res: int, batch: int, cores: int, rand_augment: bool):
@@ -105,22 +122,14 @@ def timm_loader(corpus: str, res: int, batch: int, cores: int, rand_augment: boo
                                        num_workers=cores, persistent_workers=True, drop_last=True)
 
 
-def time_torch(loader, epochs: int) -> float:
-    n, t0 = 0, time.perf_counter()
-    for _ in range(epochs):
-        for images, _ in loader:
-            n += len(images)
-    return n / (time.perf_counter() - t0)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=2000, help="corpus images")
     ap.add_argument("--corpus", default="bench_out/corpus", help="generated once, reused")
     ap.add_argument("--res", type=int, default=160)
     ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--epochs", type=int, default=2, help="timed epochs per row and round")
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=1, help="timed epochs per row and round")
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--cores", type=int, default=0, help="0 = all available")
     ap.add_argument("--out", default="bench_out/loader.json")
     a = ap.parse_args(argv)
@@ -135,44 +144,55 @@ def main(argv=None):
         if not Path(betons[mode]).exists():
             write_beton(image_folder(a.corpus), betons[mode], WriteOptions(write_mode=mode, num_workers=cores))
 
-    ffcv = ffcv_rows(betons["jpg"], a.res, a.batch, cores)
-    ffcv["rsb_ffcv, ffcv-imagenet beton (50% raw)"] = (ffcv_rows(betons["proportion"], a.res, a.batch, cores)
-                                                       ["rsb_ffcv"][0], None)
+    ffcv = ffcv_rows(betons["jpg"], betons["proportion"], a.res, a.batch, cores)
     timm = {"timm A3 (RandAugment)": timm_loader(a.corpus, a.res, a.batch, cores, True),
             "timm without RandAugment": timm_loader(a.corpus, a.res, a.batch, cores, False)}
+    runs = {name: (lambda loader=loader: epoch(loader, cores), augment) for name, (loader, augment) in ffcv.items()}
+    runs.update({name: (lambda loader=loader: loader, None) for name, loader in timm.items()})
     print("warming up (numba compilation, worker start)...")
-    for loader, augment in ffcv.values():
-        time_ffcv(loader, augment, cores, 1)
-    for loader in timm.values():
-        for i, _ in enumerate(loader):
-            if i == 2:
-                break
+    for batches, augment in runs.values():
+        timed_epochs(batches, 1, augment)
 
-    rounds: dict[str, list[float]] = {name: [] for name in [*ffcv, *timm]}
+    rounds = {name: [] for name in runs}
+    cpu_rounds = {name: [] for name in runs}
     for r in range(a.rounds):
-        for name, (loader, augment) in ffcv.items():
-            rounds[name].append(time_ffcv(loader, augment, cores, a.epochs))
-            print(f"round {r + 1} {name:42s} {rounds[name][-1]:8,.0f} img/s", flush=True)
-        for name, loader in timm.items():
-            rounds[name].append(time_torch(loader, a.epochs))
-            print(f"round {r + 1} {name:42s} {rounds[name][-1]:8,.0f} img/s", flush=True)
+        for name, (batches, augment) in runs.items():
+            wall, cpu = timed_epochs(batches, a.epochs, augment)
+            rounds[name].append(wall)
+            cpu_rounds[name].append(cpu)
+            print(f"round {r + 1} {name:42s} {wall:8,.0f} img/s  {cpu:7,.0f} img per CPU-s", flush=True)
 
-    best = {name: max(v) for name, v in rounds.items()}
-    ours = best["rsb_ffcv"]
-    ratios = {"rsb_ffcv / stock FFCV": ours / best["stock FFCV"],
-              "rsb_ffcv / timm A3": ours / best["timm A3 (RandAugment)"],
-              "rsb_ffcv / decode floor": ours / best["decode floor"],
-              "rsb_ffcv + CPU RandAugment / timm A3": best["rsb_ffcv + CPU RandAugment"] / best["timm A3 (RandAugment)"]}
-    print(f"\n{'pipeline':44s} {'images/s':>9s}")
-    for name, v in best.items():
-        print(f"{name:44s} {v:9,.0f}")
-    for name, v in ratios.items():
-        print(f"{name:44s} {v:9.2f}x")
+    # This machine's speed drifts by tens of percent within minutes: ratios are taken within each round
+    # (pipelines timed back to back), then the median over rounds. Ratios of images per CPU-second (work
+    # per image) are steadier still; with every pipeline keeping all cores busy the two agree.
+    pairs = {"rsb_ffcv / stock FFCV": ("rsb_ffcv", "stock FFCV"),
+             "rsb_ffcv / timm A3": ("rsb_ffcv", "timm A3 (RandAugment)"),
+             "rsb_ffcv / decode floor": ("rsb_ffcv", "decode floor"),
+             "rsb_ffcv + CPU RandAugment / timm A3": ("rsb_ffcv + CPU RandAugment", "timm A3 (RandAugment)")}
+
+    def ratio_table(data):
+        per_round = {k: [x / y for x, y in zip(data[p], data[q], strict=True)] for k, (p, q) in pairs.items()}
+        return {k: float(np.median(v)) for k, v in per_round.items()}, per_round
+
+    med = {name: float(np.median(v)) for name, v in rounds.items()}
+    cpu_med = {name: float(np.median(v)) for name, v in cpu_rounds.items()}
+    ratios, per_round = ratio_table(rounds)
+    cpu_ratios, cpu_per_round = ratio_table(cpu_rounds)
+    print(f"\n{'pipeline (median of rounds)':44s} {'images/s':>9s} {'img/CPU-s':>9s}")
+    for name in med:
+        print(f"{name:44s} {med[name]:9,.0f} {cpu_med[name]:9,.0f}")
+    print(f"\n{'ratio':44s} {'wall':>6s} {'CPU':>6s}   wall ratio per round")
+    for name in ratios:
+        print(f"{name:44s} {ratios[name]:5.2f}x {cpu_ratios[name]:5.2f}x   "
+              + ", ".join(f"{r:.2f}" for r in per_round[name]))
     result = {"benchmark": "loader", "machine": info, "cores_used": cores,
               "settings": {"resolution": a.res, "batch": a.batch, "epochs_per_round": a.epochs, "rounds": a.rounds,
                            "rand_augment": RAND_AUGMENT, "interpolation": "bicubic", "corpus": corpus},
-              "images_per_s": best, "rounds": rounds, "ratios": ratios}
-    save(result, a.out, best, f"Training input pipeline, {a.res} px, {cores} cores ({describe(info)})")
+              "images_per_s_median": med, "images_per_cpu_s_median": cpu_med, "ratios_median": ratios,
+              "ratios_cpu_median": cpu_ratios, "rounds": rounds, "cpu_rounds": cpu_rounds,
+              "ratios_per_round": per_round, "ratios_cpu_per_round": cpu_per_round}
+    save(result, a.out, med,
+         f"Training input pipeline at {a.res} px, {cores} cores of {info['cpu']} (median of rounds)")
     return result
 
 
