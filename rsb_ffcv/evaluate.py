@@ -24,7 +24,7 @@ from .augment import Normalize
 from .config import BoolStr, ConfigError, load_config, print_config
 from .models import label_map, load_model
 from .recipe import choose_precision
-from .tracking import Tracker
+from .tracking import Tracker, save_json
 
 Section("eval", "evaluation").params(
     models=Param(str, "comma-separated model specs [NAME=]SOURCE: a checkpoint .pt, "
@@ -164,10 +164,7 @@ def main(argv=None) -> int:
         if d.is_main:
             out_dir = Path(cfg["eval.out_dir"])
             out_dir.mkdir(parents=True, exist_ok=True)
-            result = {"config": cfg, "results": rows}
-            tmp = out_dir / ".results.json.tmp"
-            tmp.write_text(json.dumps(result, indent=1))
-            tmp.replace(out_dir / "results.json")
+            save_json(out_dir / "results.json", {"config": cfg, "results": rows})
             tracker = Tracker(out_dir, cfg, mode=cfg["eval.wandb_mode"], project=cfg["eval.wandb_project"],
                               entity=cfg["eval.wandb_entity"], name=out_dir.name)
             tracker.log_table("evaluation", rows)

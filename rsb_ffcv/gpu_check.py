@@ -34,6 +34,7 @@ from .datasets.sources import image_folder
 from .datasets.writer import WriteOptions, write_beton
 from .loaders import epoch, val_loader
 from .randaugment import RandAugment
+from .tracking import save_json
 from .train import Trainer
 
 
@@ -209,7 +210,7 @@ def main(argv=None) -> int:
             [*common, *args, "--out", str(out / f"{name}.json")]), deadline, 90 if gpu else 30)
     stages = [r for k, r in results.items() if isinstance(r, dict) and k not in ("machine", "corpus")]
     results["passed"] = all(r.get("passed", True) for r in stages)  # benchmarks pass unless they raise
-    (out / "gpu_check.json").write_text(json.dumps(results, indent=1, default=str))
+    save_json(out / "gpu_check.json", results)
     print(f"\nsaved {out / 'gpu_check.json'}\n{summary_table(results)}")
     return 0 if results["passed"] else 1
 

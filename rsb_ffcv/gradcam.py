@@ -11,7 +11,6 @@ split: weights = spatial mean of d(score)/d(features), CAM = ReLU(sum_k weight_k
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -29,7 +28,7 @@ from .config import ConfigError, load_config, print_config
 from .crop_decoder import center_box
 from .datasets.sources import readable_names
 from .models import label_map, load_model
-from .tracking import Tracker
+from .tracking import Tracker, save_json
 
 Section("gradcam", "Grad-CAM comparison").params(
     models=Param(str, "comma-separated NAME=SOURCE model specs (as rsb_ffcv.evaluate)", required=True),
@@ -219,8 +218,7 @@ def main(argv=None) -> int:
         title = (f"Grad-CAM ({cfg['gradcam.target']} class) on {Path(cfg['gradcam.dataset']).name}, "
                  f"{cfg['gradcam.resolution']} px")
         grid_png(out_dir / "grid.png", result["shown"], result["true_names"], result["panels"], title)
-        (out_dir / "scores.json").write_text(json.dumps({"config": cfg, "images": result["chosen"],
-                                                         "scores": result["scores"]}, indent=1))
+        save_json(out_dir / "scores.json", {"config": cfg, "images": result["chosen"], "scores": result["scores"]})
         tracker = Tracker(out_dir, cfg, mode=cfg["gradcam.wandb_mode"], project=cfg["gradcam.wandb_project"],
                           entity=cfg["gradcam.wandb_entity"], name=out_dir.name)
         tracker.log_table("gradcam", result["rows"])

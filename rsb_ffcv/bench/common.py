@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib.metadata as md
-import json
 import platform
 import time
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..datasets.images import available_cpus
+from ..tracking import save_json
 
 
 def pick_device(name: str) -> torch.device:
@@ -73,7 +73,7 @@ def save(result: dict, out: str | Path, bars: dict[str, float], title: str, unit
     """Write result as JSON at `out` and `bars` as a horizontal bar chart next to it (.png)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    save_json(out, result)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
