@@ -5,11 +5,11 @@ nearly as slow as the decode itself, and nearest-neighbour-like when a small cro
 decoders instead
 - sample the crop exactly as torchvision's `RandomResizedCrop.get_params` (10 attempts, then the centre
   fallback), or take timm's eval geometry (resize the shorter side to int(size / crop_pct), centre crop);
-- decode the JPEG at the smallest DCT scale (k/8) that keeps the crop at least as large as the output,
-  so what is left to resize is a shrink below 2x or an enlargement;
+- decode the JPEG at the smallest DCT scale (1/8, 1/4, 1/2 or 1) that keeps the crop at least as large
+  as the output, so what is left to resize is a shrink below 2x or an enlargement;
 - resize the crop box with PIL's separable convolution (the algorithm behind torchvision's
   antialias=True and PIL's `resize`): triangle (bilinear) or a=-0.5 cubic (bicubic) filters widened by
-  the shrink factor, uint8 intermediate as PIL;
+  the shrink factor (a float32 intermediate, where PIL rounds to uint8: within 3 levels of torchvision);
 - mirror while writing the output (flip probability), so no separate flip stage runs.
 Everything is numba code run in parallel over the batch by FFCV's pipeline compiler.
 """

@@ -24,8 +24,6 @@ from torch.utils.data import DistributedSampler
 from .config import ConfigError
 from .crop_decoder import CenterCropDecoder, RandomResizedCropDecoder
 
-DECODERS = ("fast", "ffcv")  # ours (crop_decoder.py) or FFCV's stock decoders, for comparison
-
 
 class TrainOrder(TraversalOrder):
     """Which records each rank trains on in an epoch.
