@@ -3,21 +3,22 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-SYSTEM_PKGS := libopencv-dev libturbojpeg0-dev pkg-config build-essential
+SYSTEM_PKGS := libopencv-dev libturbojpeg0-dev libjpeg-dev pkg-config build-essential
 # The CPU/CUDA torch build served from local disk on our machines; elsewhere pip resolves current releases.
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 
 .PHONY: install system-deps demo test bench clean
 install: $(STAMP)
 
-# FFCV 1.0.2 ships only an sdist that compiles against OpenCV and libjpeg-turbo found through pkg-config.
+# FFCV 1.0.2 ships only an sdist that compiles against OpenCV and libjpeg-turbo found through pkg-config;
+# our rsb_ffcv/_jpeg.c (region decoding) links libjpeg-turbo's libjpeg API.
 system-deps:
-	@if pkg-config --exists opencv4 libturbojpeg 2>/dev/null; then :; \
+	@if pkg-config --exists opencv4 libturbojpeg libjpeg 2>/dev/null; then :; \
 	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PKGS); \
 	elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PKGS); \
-	else echo "error: FFCV needs system packages; run: sudo apt-get update && sudo apt-get install -y $(SYSTEM_PKGS)" >&2; exit 1; fi
+	else echo "error: FFCV and rsb_ffcv/_jpeg.c need system packages; run: sudo apt-get update && sudo apt-get install -y $(SYSTEM_PKGS)" >&2; exit 1; fi
 
-$(STAMP): pyproject.toml | system-deps
+$(STAMP): pyproject.toml setup.py rsb_ffcv/_jpeg.c | system-deps
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q $(TORCH_PIN) || $(PY) -m pip install -q torch torchvision

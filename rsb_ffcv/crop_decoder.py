@@ -7,6 +7,9 @@ decoders instead
   fallback), or take timm's eval geometry (resize the shorter side to int(size / crop_pct), centre crop);
 - decode the JPEG at the smallest DCT scale (1/8, 1/4, 1/2 or 1) that keeps the crop at least as large
   as the output, so what is left to resize is a shrink below 2x or an enlargement;
+- decode only the crop's region (libjpeg-turbo partial decoding, rsb_ffcv/_jpeg.c): rows below it are
+  never decoded, rows above it only entropy-decoded, columns outside it skipped; pixel-identical to the
+  full decode inside the region;
 - resize the crop box with PIL's separable convolution (the algorithm behind torchvision's
   antialias=True and PIL's `resize`): triangle (bilinear) or a=-0.5 cubic (bicubic) filters widened by
   the shrink factor (a float32 intermediate, where PIL rounds to uint8: within 3 levels of torchvision);
@@ -15,16 +18,37 @@ Everything is numba code run in parallel over the batch by FFCV's pipeline compi
 """
 from __future__ import annotations
 
+import ctypes
 import math
 from dataclasses import replace
 
 import numpy as np
 from ffcv.fields.rgb_image import IMAGE_MODES, SimpleRGBImageDecoder
-from ffcv.libffcv import imdecode
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.state import State
 from numba import get_num_threads, njit
+
+try:
+    from . import _jpeg
+except ImportError as e:
+    raise ImportError("rsb_ffcv._jpeg, our region JPEG decoder, is not built: reinstall the project "
+                      "(`make install`, or `pip install -e .` with libjpeg-dev installed)") from e
+
+_decode_region = ctypes.CDLL(_jpeg.__file__).decode_region
+_decode_region.argtypes = [ctypes.c_void_p, ctypes.c_ulong, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                           ctypes.c_int, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p]
+_decode_region.restype = ctypes.c_int
+
+
+def decode_region(data, eighths, y0, y1, x0, x1, out, stride, info):
+    """Rows [y0, y1), columns [x0, x1) of the JPEG `data` decoded at eighths/8 scale into out (row stride
+    `stride` bytes), the rows below y1 never decoded (rsb_ffcv/_jpeg.c). Columns start at the iMCU
+    boundary info[0], info[1] wide; info[2:4] is the scaled image size. 0, or -1 if corrupt. (Numba code
+    calls _decode_region itself.)"""
+    return _decode_region(data.ctypes.data, data.size, eighths, y0, y1, x0, x1, out.ctypes.data, stride,
+                          info.ctypes.data)
+
 
 INTERPOLATIONS = {"bilinear": 0, "bicubic": 1, "random": 2}  # random: per image, as timm's train default
 DCT_SCALES = (1, 2, 4, 8)  # eighths; the power-of-two scales have libjpeg-turbo's fastest IDCTs
@@ -133,11 +157,18 @@ def resize_box(src, y0, x0, bh, bw, clamp_to_box, cubic, flip, dst, scratch):
     """Resample the box (y0, x0, bh, bw) of src (H x W x 3 uint8, float box) into dst (h x w x 3),
     mirrored if flip. Taps stay inside the box (torchvision's resized_crop) or the image (PIL resize
     of the whole image, then crop: timm's eval). scratch: float32, at least scratch_size(W, h) values
-    (reused across calls: allocating it per image halves the speed of parallel decoding).
+    (reused across calls: allocating it per image halves the speed of parallel decoding)."""
+    resize_rows(src.reshape(src.shape[0], src.shape[1] * 3), src.shape[1], y0, x0, bh, bw, clamp_to_box, cubic,
+                flip, dst, scratch)
+
+
+@njit(fastmath=True, cache=True)
+def resize_rows(rows, width, y0, x0, bh, bw, clamp_to_box, cubic, flip, dst, scratch):
+    """resize_box on an image given as rows (H x stride uint8, stride >= 3 * width): a decoded region.
 
     Vertical pass first, stored transposed, so both passes run over contiguous memory (SIMD).
     """
-    height, width = src.shape[0], src.shape[1]
+    height = rows.shape[0]
     out_h, out_w = dst.shape[0], dst.shape[1]
     if clamp_to_box:
         ylo, yhi = int(math.floor(y0 + 1e-6)), min(int(math.ceil(y0 + bh - 1e-6)), height)
@@ -149,7 +180,6 @@ def resize_box(src, y0, x0, bh, bw, clamp_to_box, cubic, flip, dst, scratch):
     c0 = xf[0]
     n = (xf[out_w - 1] + xn[out_w - 1] - c0) * 3  # floats per row of the columns the taps read
     m = out_h * 3
-    rows = src.reshape(height, width * 3)
     cols = scratch[:(n // 3) * m].reshape(n // 3, m)  # vertical pass output, transposed
     line = scratch[(n // 3) * m:(n // 3) * m + n]
     # (Inner loops run over slices: that lets LLVM vectorise them, ~10x faster than offset indexing.)
@@ -183,14 +213,44 @@ def resize_box(src, y0, x0, bh, bw, clamp_to_box, cubic, flip, dst, scratch):
             dst[j, o, 2] = np.uint8(acc[3 * j + 2])
 
 
+@njit
+def decode_resize(data, height, width, y0, x0, bh, bw, clamp_to_box, cubic, flip, scales, whole, buf, info, dst,
+                  scratch):
+    """resize_box of the JPEG `data` (height x width): decoded at the smallest DCT scale in `scales` that
+    keeps the box at least dst's size, and only the region the resize reads (whole: the whole image, the
+    reference). buf: at least height * width * 3 bytes; info: 4 int32. Returns 0, or -1 if corrupt."""
+    out_h, out_w = dst.shape[0], dst.shape[1]
+    k = dct_eighths(bh, bw, out_h, out_w, scales)
+    f = k / 8.0
+    y0, x0, bh, bw = y0 * f, x0 * f, bh * f, bw * f
+    sh, sw = (height * k + 7) // 8, (width * k + 7) // 8
+    # The region: the box, plus the filter's reach where taps may leave it (a resize of the whole image,
+    # as timm's eval), plus a pixel, as chroma upsampling at a region's edge differs from a full decode.
+    py = px = 1
+    if not clamp_to_box:
+        py = int(2.0 * max(bh / out_h, 1.0)) + 3
+        px = int(2.0 * max(bw / out_w, 1.0)) + 3
+    ry0, ry1 = max(int(math.floor(y0)) - py, 0), min(int(math.ceil(y0 + bh)) + py, sh)
+    rx0, rx1 = max(int(math.floor(x0)) - px, 0), min(int(math.ceil(x0 + bw)) + px, sw)
+    if whole:
+        ry0, ry1, rx0, rx1 = 0, sh, 0, sw
+    if _decode_region(data.ctypes.data, data.size, k, ry0, ry1, rx0, rx1, buf.ctypes.data, sw * 3,
+                      info.ctypes.data) != 0:
+        return -1
+    rows = buf[:(ry1 - ry0) * sw * 3].reshape(ry1 - ry0, sw * 3)
+    resize_rows(rows, info[1], y0 - ry0, x0 - info[0], bh, bw, clamp_to_box, cubic, flip, dst, scratch)
+    return 0
+
+
 class _CropResizeDecoder(SimpleRGBImageDecoder):
     """Shared plumbing: the output and decode buffers, the decode loop; subclasses pick the box.
     (A SimpleRGBImageDecoder subclass because FFCV only accepts those as an RGB field's decoder.)"""
 
     random_crop = True
 
-    def __init__(self, output_size, interpolation: str, dct_scales=DCT_SCALES):
+    def __init__(self, output_size, interpolation: str, dct_scales=DCT_SCALES, region_decode: bool = True):
         super().__init__()
+        self.region_decode = region_decode
         if interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {sorted(INTERPOLATIONS)}, not {interpolation!r}")
         self.output_size = tuple(output_size)
@@ -198,34 +258,37 @@ class _CropResizeDecoder(SimpleRGBImageDecoder):
         self.dct_scales = np.array(sorted(dct_scales), dtype=np.int64)
 
     def declare_state_and_memory(self, previous_state: State):
-        max_h = int(self.metadata["height"].max())
-        max_w = self.max_width = int(self.metadata["width"].max())
-        out_h, out_w = self.output_size
-        out = (out_h, out_w, 3)
+        self.max_height = int(self.metadata["height"].max())
+        self.max_width = int(self.metadata["width"].max())
+        out = (*self.output_size, 3)
         u8 = np.dtype("<u1")
-        return (replace(previous_state, jit_mode=True, shape=out, dtype=u8),
-                (AllocationQuery(out, u8), AllocationQuery((max_h * max_w * 3,), u8)))
+        return replace(previous_state, jit_mode=True, shape=out, dtype=u8), AllocationQuery(out, u8)
 
     def generate_code(self):
         jpg = IMAGE_MODES["jpg"]
         mem_read = self.memory_read
         my_range = Compiler.get_iterator()
-        imdecode_c = Compiler.compile(imdecode)
         is_random = self.random_crop
         params = self.box_params()
         interp = INTERPOLATIONS[self.interpolation]
         scales = self.dct_scales
+        whole = not self.region_decode
+        # A dispatcher per decoder: one shared by two FFCV loaders failed in numba 0.68 with a KeyError from
+        # its overload table when the second compiled it (the bug behind the finalizer KeyError at exit).
+        decode_resize_c = njit(decode_resize.py_func)
 
-        max_width = self.max_width
+        max_height, max_width = self.max_height, self.max_width
 
-        def decode(batch_indices, my_storage, metadata, storage_state):
-            destination, decoded = my_storage
-            out_h, out_w = destination.shape[1], destination.shape[2]
+        def decode(batch_indices, destination, metadata, storage_state):
+            out_h = destination.shape[1]
             n = len(batch_indices)
-            # One resize scratch per worker, allocated once per batch (per image it would cost half the
-            # parallel speed); worker w takes images w, w + workers, ...
+            # Decode and resize buffers per worker, not per image: reused, they stay in the core's cache
+            # (a decode buffer per image measured 1.25x slower; allocating buffers per image, 2x).
+            # Worker w takes images w, w + workers, ...
             workers = max(1, min(get_num_threads(), n))
+            decoded = np.empty((workers, max_height * max_width * 3), np.uint8)
             scratch = np.empty((workers, scratch_size(max_width, out_h)), np.float32)
+            info = np.empty((workers, 4), np.int32)
             for worker in my_range(workers):
                 for ix in range(worker, n, workers):
                     field = metadata[batch_indices[ix]]
@@ -241,16 +304,12 @@ class _CropResizeDecoder(SimpleRGBImageDecoder):
                         flip = False
                         cubic = interp == 1
                     if field["mode"] == jpg:
-                        k = dct_eighths(bh, bw, out_h, out_w, scales)
-                        sh, sw = (height * k + 7) // 8, (width * k + 7) // 8
-                        buf = decoded[ix]
-                        imdecode_c(data, buf, height, width, height, width, 0, 0, k, 8, False, False)
-                        src = buf[:sh * sw * 3].reshape(sh, sw, 3)
-                        f = k / 8.0
-                        y0, x0, bh, bw = y0 * f, x0 * f, bh * f, bw * f
+                        if decode_resize_c(data, height, width, y0, x0, bh, bw, is_random, cubic, flip, scales, whole,
+                                         decoded[worker], info[worker], destination[ix], scratch[worker]) != 0:
+                            destination[ix] = 0  # a corrupt JPEG (the writer checked it: a damaged file)
                     else:
-                        src = data.reshape(height, width, 3)
-                    resize_box(src, y0, x0, bh, bw, is_random, cubic, flip, destination[ix], scratch[worker])
+                        resize_rows(data.reshape(height, width * 3), width, y0, x0, bh, bw, is_random, cubic, flip,
+                                    destination[ix], scratch[worker])
             return destination[:n]
 
         decode.is_parallel = True
@@ -259,11 +318,12 @@ class _CropResizeDecoder(SimpleRGBImageDecoder):
 
 class RandomResizedCropDecoder(_CropResizeDecoder):
     """torchvision's RandomResizedCrop(output_size, scale, ratio, interpolation, antialias=True) plus a
-    horizontal flip with probability flip_prob, decoded at reduced DCT scale where the crop allows."""
+    horizontal flip with probability flip_prob, decoded at reduced DCT scale where the crop allows, and
+    only the crop's region (region_decode=False: the whole image, pixel-identical, for comparisons)."""
 
     def __init__(self, output_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation="bicubic",
-                 flip_prob: float = 0.5, dct_scales=DCT_SCALES):
-        super().__init__(output_size, interpolation, dct_scales)
+                 flip_prob: float = 0.5, dct_scales=DCT_SCALES, region_decode: bool = True):
+        super().__init__(output_size, interpolation, dct_scales, region_decode)
         self.scale, self.ratio, self.flip_prob = scale, ratio, flip_prob
 
     def box_params(self):
@@ -276,12 +336,13 @@ class CenterCropDecoder(_CropResizeDecoder):
 
     random_crop = False
 
-    def __init__(self, output_size, crop_ratio: float = 0.95, interpolation="bicubic", dct_scales=DCT_SCALES):
+    def __init__(self, output_size, crop_ratio: float = 0.95, interpolation="bicubic", dct_scales=DCT_SCALES,
+                 region_decode: bool = True):
         if output_size[0] != output_size[1]:
             raise ValueError("CenterCropDecoder makes square crops")
         if interpolation == "random":
             raise ValueError("evaluation needs a fixed interpolation: bilinear or bicubic")
-        super().__init__(output_size, interpolation, dct_scales)
+        super().__init__(output_size, interpolation, dct_scales, region_decode)
         self.crop_ratio = crop_ratio
 
     def box_params(self):

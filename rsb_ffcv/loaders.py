@@ -108,10 +108,12 @@ def _label_pipeline(device):
     return [IntDecoder(), ToTensor(), Squeeze(1), ToDevice(device, non_blocking=True)]
 
 
-def train_decoder(kind: str, resolution: int, interpolation: str = "bicubic"):
-    """RandomResizedCrop(scale 0.08-1, ratio 3/4-4/3) + horizontal flip, as FFCV stages."""
+def train_decoder(kind: str, resolution: int, interpolation: str = "bicubic", region_decode: bool = True):
+    """RandomResizedCrop(scale 0.08-1, ratio 3/4-4/3) + horizontal flip, as FFCV stages. region_decode=False
+    (benchmarks): our decoder decodes whole JPEGs."""
     if kind == "fast":
-        return [RandomResizedCropDecoder((resolution, resolution), interpolation=interpolation)]
+        return [RandomResizedCropDecoder((resolution, resolution), interpolation=interpolation,
+                                         region_decode=region_decode)]
     return [RandomResizedCropRGBImageDecoder((resolution, resolution), scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)),
             RandomHorizontalFlip()]
 
@@ -124,8 +126,8 @@ def val_decoder(kind: str, resolution: int, crop_ratio: float, interpolation: st
 
 def train_loader(path: str, batch_size: int, resolution: int, device: torch.device, *, num_workers: int,
                  seed: int, repeats: int, rank: int, world: int, os_cache: bool, batches_ahead: int,
-                 decoder: str = "fast", interpolation: str = "bicubic"):
-    stages = train_decoder(decoder, resolution, interpolation)
+                 decoder: str = "fast", interpolation: str = "bicubic", region_decode: bool = True):
+    stages = train_decoder(decoder, resolution, interpolation, region_decode)
     image = [*stages, ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(channels_last=True)]
     loader = Loader(path, batch_size=batch_size, num_workers=num_workers, order=OrderOption.RANDOM,
                     os_cache=os_cache, drop_last=True, seed=seed, batches_ahead=batches_ahead,

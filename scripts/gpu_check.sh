@@ -4,7 +4,8 @@
 # Run from the repository root. Needs: python3 (>= 3.11) with torch, torchvision, numba, opencv-python;
 # a C++ compiler and Python's headers (to build ffcv). Installs the bundle's packages into a temporary venv
 # that sees the system's site-packages (nothing is installed system-wide; no network is used), builds
-# ffcv there against the bundle's OpenCV/libjpeg-turbo, then runs the checks and benchmarks.
+# ffcv there against the bundle's OpenCV/libjpeg-turbo and rsb_ffcv/_jpeg.c in place (the repository's
+# rsb_ffcv/ then holds _jpeg*.so), then runs the checks and benchmarks.
 # INSTALL_INTO_CURRENT=1: install into the current Python environment instead (a writable venv/conda env).
 # Results: $OUT_DIR (default gpu_check_out)/gpu_check.json plus the benchmark JSON/PNG files.
 set -euo pipefail
@@ -44,6 +45,9 @@ echo "== building ffcv 1.0.2 against the bundle's OpenCV core/imgproc and libjpe
 "$VPY" -m pip install --quiet --no-build-isolation --force-reinstall --no-deps "$BUNDLE"/sdist/ffcv-1.0.2.tar.gz
 "$VPY" -m pip install --quiet --no-build-isolation "$BUNDLE"/sdist/ffcv-1.0.2.tar.gz  # its remaining deps
 "$VPY" -c "import ffcv.libffcv, ffcv.loader; print('ffcv', ffcv.__version__ if hasattr(ffcv, '__version__') else '1.0.2', 'imports')"
+echo "== building rsb_ffcv's region JPEG decoder (rsb_ffcv/_jpeg.c) against the bundle's libjpeg =="
+"$VPY" setup.py --quiet build_ext --inplace
+"$VPY" -c "import rsb_ffcv.crop_decoder; print('rsb_ffcv._jpeg imports')"
 echo "== setup took $(( $(date +%s) - t0 )) s =="
 export WANDB_MODE=disabled WANDB_SILENT=true
 PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}" "$VPY" -m rsb_ffcv.gpu_check --out-dir "$OUT_DIR" "$@"

@@ -3,9 +3,10 @@
 # Python >= 3.11, PyTorch, torchvision, numba and (ideally) timm and opencv-python:
 #   wheels/   the missing pure-Python dependencies (fastargs, wandb and its needs, terminaltables, ...)
 #   sdist/    ffcv-1.0.2.tar.gz (built on the GPU machine by scripts/gpu_check.sh)
-#   sysroot/  OpenCV core+imgproc and libjpeg-turbo headers and shared libraries, unpacked from Debian
-#             packages (apt-get download + dpkg -x), plus pkgconfig/{opencv4,libturbojpeg}.pc covering only
-#             what ffcv links, and a pkg-config stand-in for machines without one.
+#   sysroot/  OpenCV core+imgproc and libjpeg-turbo (TurboJPEG and libjpeg APIs) headers and shared
+#             libraries, unpacked from Debian packages (apt-get download + dpkg -x), plus
+#             pkgconfig/{opencv4,libturbojpeg,libjpeg}.pc covering only what ffcv and rsb_ffcv/_jpeg.c
+#             link, and a pkg-config stand-in for machines without one.
 # Run on a connected Debian/Ubuntu machine (x86-64):  scripts/make_offline_bundle.sh [OUT_DIR] [PY_VERSION]
 # Then copy OUT_DIR and this repository to the GPU machine and run scripts/gpu_check.sh OUT_DIR.
 set -euo pipefail
@@ -35,13 +36,14 @@ $PIP download --quiet --dest sdist --no-deps --no-binary :all: ffcv==1.0.2
 
 echo "== OpenCV core/imgproc + libjpeg-turbo from Debian packages =="
 PKGS="libopencv-core-dev libopencv-imgproc-dev libopencv-core406 libopencv-imgproc406 libturbojpeg0
-      libturbojpeg0-dev libtbb12 libblas3 liblapack3 libgfortran5 libquadmath0 libglx0 libglvnd0
-      libx11-6 libxcb1 libxau6 libxdmcp6 libbsd0 libmd0"
+      libturbojpeg0-dev libjpeg62-turbo libjpeg62-turbo-dev libtbb12 libblas3 liblapack3 libgfortran5
+      libquadmath0 libglx0 libglvnd0 libx11-6 libxcb1 libxau6 libxdmcp6 libbsd0 libmd0"
 (cd debs && apt-get download $PKGS >/dev/null)
 for deb in debs/*.deb; do dpkg -x "$deb" sysroot/full; done
 ML=usr/lib/x86_64-linux-gnu
 mkdir -p sysroot/include/opencv4/opencv2 sysroot/lib sysroot/pkgconfig sysroot/bin
-cp -a sysroot/full/usr/include/turbojpeg.h sysroot/include/
+cp -a sysroot/full/usr/include/{turbojpeg,jpeglib,jmorecfg,jerror}.h sysroot/full/usr/include/x86_64-linux-gnu/jconfig.h \
+      sysroot/include/
 cp -a sysroot/full/usr/include/opencv4/opencv2/{core,imgproc,core.hpp,imgproc.hpp,opencv.hpp} \
       sysroot/include/opencv4/opencv2/
 # opencv.hpp includes every module listed here: list only the two we ship.
@@ -49,13 +51,13 @@ printf '#ifndef OPENCV_MODULES_HPP\n#define OPENCV_MODULES_HPP\n#define HAVE_OPE
     > sysroot/include/opencv4/opencv2/opencv_modules.hpp
 # (only -I/-L/-l tokens: ffcv's setup.py maps nothing else; gpu_check.sh sets the rpath via LDFLAGS.)
 # Shared libraries that are not part of a typical CUDA image (glibc, libstdc++, libgcc, zlib are).
-for lib in libopencv_core libopencv_imgproc libturbojpeg libtbb libblas liblapack libgfortran libquadmath \
+for lib in libopencv_core libopencv_imgproc libturbojpeg libjpeg libtbb libblas liblapack libgfortran libquadmath \
            libGLX libGLdispatch libX11 libxcb libXau libXdmcp libbsd libmd; do
     cp -a sysroot/full/$ML/$lib.so* sysroot/lib/ 2>/dev/null || cp -a sysroot/full/$ML/*/$lib.so* sysroot/lib/ 2>/dev/null || true
 done
 # Debian routes BLAS/LAPACK through alternatives directories: bring the real files up.
 find sysroot/full -name 'libblas.so.3*' -o -name 'liblapack.so.3*' | xargs -r -I{} cp -L {} sysroot/lib/
-for lib in libopencv_core libopencv_imgproc libturbojpeg; do
+for lib in libopencv_core libopencv_imgproc libturbojpeg libjpeg; do
     ls sysroot/lib/$lib.so* >/dev/null || { echo "missing $lib in the Debian packages" >&2; exit 1; }
 done
 rm -rf sysroot/full
@@ -78,6 +80,16 @@ Description: TurboJPEG API of libjpeg-turbo
 Version: 2.1.5
 Cflags: -I${includedir}
 Libs: -L${libdir} -lturbojpeg
+PC
+cat > sysroot/pkgconfig/libjpeg.pc <<'PC'
+prefix=${pcfiledir}/..
+includedir=${prefix}/include
+libdir=${prefix}/lib
+Name: libjpeg
+Description: libjpeg API of libjpeg-turbo (rsb_ffcv/_jpeg.c)
+Version: 2.1.5
+Cflags: -I${includedir}
+Libs: -L${libdir} -ljpeg
 PC
 cp "$SCRIPTS/pkg_config_standin.py" sysroot/bin/pkg-config
 chmod +x sysroot/bin/pkg-config

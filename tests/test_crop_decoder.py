@@ -168,7 +168,7 @@ def test_train_decoder_in_a_loader_equals_torchvision(photo_betons):
     dec = cd.RandomResizedCropDecoder((96, 96), scale=(1, 1), ratio=(1, 1), flip_prob=1.0)
     loader = Loader(str(betons["raw"]), batch_size=4, num_workers=2, order=OrderOption.SEQUENTIAL, drop_last=False,
                     pipelines={"image": [dec], "label": [IntDecoder()]})
-    got = np.concatenate([x for x, _ in loader])
+    got = np.concatenate([x for x, _ in epoch(loader, 1)])  # epoch(): raises, not hangs, if the loader dies
     for out, f in zip(got, sorted((root / "c").iterdir()), strict=True):
         img = np.asarray(Image.open(f).convert("RGB"))
         ref = torchvision_crop(img, (0, 0, 150, 150), (96, 96), "bicubic", flip=True)
@@ -191,3 +191,50 @@ def test_bad_interpolation_is_refused():
         cd.RandomResizedCropDecoder((64, 64), interpolation="nearest")
     with pytest.raises(ValueError, match="fixed interpolation"):
         cd.CenterCropDecoder((64, 64), 0.95, interpolation="random")
+
+
+def _jpeg(img, subsampling):
+    import io
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "JPEG", quality=90, subsampling=subsampling)
+    return np.frombuffer(buf.getvalue(), np.uint8)
+
+
+@pytest.mark.parametrize("subsampling", [0, 1, 2])  # 4:4:4, 4:2:2, 4:2:0 (FFCV's writer: 4:2:0)
+def test_region_decode_is_pixel_identical_to_the_full_decode(subsampling):
+    """decode_resize decodes only the region its resize reads: the output must equal the one from the
+    whole decoded image bit for bit, for train boxes (taps inside the box) and eval boxes (taps beyond)."""
+    rng = np.random.default_rng(subsampling)
+    img = photo(11)[:333, :500]
+    h, w = img.shape[:2]
+    data = _jpeg(img, subsampling)
+    buf, info = np.empty(h * w * 3, np.uint8), np.zeros(4, np.int32)
+    scales = np.array(cd.DCT_SCALES)
+    for trial in range(40):
+        size = (int(rng.integers(16, 200)),) * 2
+        bh, bw = rng.uniform(8, h), rng.uniform(8, w)
+        y0, x0 = rng.uniform(0, h - bh), rng.uniform(0, w - bw)
+        clamp, cubic, flip = bool(trial % 2), bool(trial % 3), bool(trial % 5)
+        outs = []
+        for whole in (True, False):
+            out = np.empty((*size, 3), np.uint8)
+            assert cd.decode_resize(data, h, w, y0, x0, bh, bw, clamp, cubic, flip, scales, whole, buf, info, out,
+                                    np.empty(cd.scratch_size(w, size[0]), np.float32)) == 0
+            outs.append(out)
+        assert np.array_equal(*outs), (trial, size, (y0, x0, bh, bw), clamp)
+    # and the whole-image path is FFCV's decode: the same pixels as imdecode at that DCT scale
+    full, ours = np.empty(h * w * 3, np.uint8), np.empty(h * w * 3, np.uint8)
+    imdecode(data, full, h, w, h, w, 0, 0, 4, 8, False, False)
+    sh, sw = (h + 1) // 2, (w + 1) // 2
+    assert cd.decode_region(data, 4, 0, sh, 0, sw, ours, sw * 3, info) == 0 and list(info) == [0, sw, sh, sw]
+    assert np.array_equal(ours[:sh * sw * 3], full[:sh * sw * 3])
+
+
+def test_region_decode_refuses_corrupt_data_and_bad_regions():
+    data = _jpeg(photo(2)[:100, :120], 2)
+    buf, info = np.empty(100 * 120 * 3, np.uint8), np.zeros(4, np.int32)
+    assert cd.decode_region(data, 8, 10, 20, 10, 20, buf, 360, info) == 0
+    assert cd.decode_region(data[:200].copy(), 8, 10, 20, 10, 20, buf, 360, info) == -1  # truncated header
+    assert cd.decode_region(np.zeros(500, np.uint8), 8, 10, 20, 10, 20, buf, 360, info) == -1  # not a JPEG
+    assert cd.decode_region(data, 8, 10, 101, 10, 20, buf, 360, info) == -1  # below the image
+    assert cd.decode_region(data, 8, 10, 20, 30, 20, buf, 360, info) == -1  # empty
