@@ -51,8 +51,8 @@ VAL_NAME = re.compile(r"ILSVRC2012_val_(\d{8})")
 IMAGENET_VAL = 50_000
 
 
-def real_label_sets(real_json: str, files: list[str], beton: str) -> list[list[int]]:
-    """ReaL label sets in record order, from the val file names the beton's sidecar recorded."""
+def read_real_labels(real_json: str) -> list[list[int]]:
+    """ImageNet-ReaL's real.json: one label set per val image, in file-number order."""
     try:
         if real_json == "timm":
             import pkgutil
@@ -64,6 +64,11 @@ def real_label_sets(real_json: str, files: list[str], beton: str) -> list[list[i
     if not isinstance(real, list) or len(real) != IMAGENET_VAL:
         raise ConfigError(f"eval.real_labels '{real_json}' has {len(real) if isinstance(real, list) else 'no'} "
                           f"entries; ImageNet-ReaL's real.json lists {IMAGENET_VAL} (one per val image)")
+    return real
+
+
+def real_label_sets(real: list[list[int]], files: list[str], beton: str) -> list[list[int]]:
+    """ReaL label sets in record order, from the val file names the beton's sidecar recorded."""
     out = []
     for f in files:
         m = VAL_NAME.search(Path(f).name)
@@ -114,9 +119,11 @@ def evaluate(cfg: dict, d) -> list[dict]:
     metas = {b: loaders.read_sidecar(b) for b in betons}
     label_sets = {}
     if cfg["eval.real_labels"]:
+        real = read_real_labels(cfg["eval.real_labels"])
         for b, meta in metas.items():
-            if all(VAL_NAME.search(Path(f).name) for f in meta.get("files", [])[:1]):
-                label_sets[b] = real_label_sets(cfg["eval.real_labels"], meta["files"], b)
+            files = meta.get("files", [])
+            if files and VAL_NAME.search(Path(files[0]).name):  # an ImageNet val beton: every name must match
+                label_sets[b] = real_label_sets(real, files, b)
         if not label_sets:
             raise ConfigError("eval.real_labels is given but no dataset holds ILSVRC2012_val_* files")
     precision = choose_precision("auto", d.device)

@@ -86,10 +86,10 @@ def ffcv_rows(beton: str, raw_beton: str, res: int, batch: int, cores: int):
     from ffcv.loader import Loader, OrderOption
     floor = Loader(beton, batch_size=batch, num_workers=cores, order=OrderOption.RANDOM, os_cache=True,
                    pipelines={"image": [DecodeOnly()], "label": [IntDecoder()]})
+    ours = trainer_loader(beton, "fast", res, batch, cores)  # timed with and without CPU RandAugment
     return {
-        "rsb_ffcv": (trainer_loader(beton, "fast", res, batch, cores), None),
-        "rsb_ffcv + CPU RandAugment": (trainer_loader(beton, "fast", res, batch, cores),
-                                       RandAugment(RAND_AUGMENT, interpolation="bicubic")),
+        "rsb_ffcv": (ours, None),
+        "rsb_ffcv + CPU RandAugment": (ours, RandAugment(RAND_AUGMENT, interpolation="bicubic")),
         "rsb_ffcv, whole-image decode": (trainer_loader(beton, "fast", res, batch, cores, region_decode=False), None),
         "stock FFCV": (trainer_loader(beton, "ffcv", res, batch, cores), None),
         "decode floor": (floor, None),
