@@ -30,7 +30,8 @@ static void on_message(j_common_ptr cinfo) { (void)cinfo; } /* warnings (e.g. co
  * scaled image) into out, RGB, row stride out_stride bytes. libjpeg widens the columns to iMCU
  * boundaries: the first decoded column is written to info[0], the decoded width to info[1], so the
  * caller finds column x0 at out + (x0 - info[0]) * 3. The scaled image size goes to info[2], info[3]
- * (height, width). out must hold (y1 - y0) rows of out_stride >= 3 * (x1 - x0 + 2 * iMCU width) bytes.
+ * (height, width). out holds (y1 - y0) rows of out_stride bytes, at least 3 * info[1] (3 * the scaled
+ * image width always suffices).
  * Returns 0, or -1 for a corrupt JPEG or a bad region. */
 int decode_region(const unsigned char *data, unsigned long size, int scale_num,
                   int y0, int y1, int x0, int x1, unsigned char *out, long out_stride, int *info) {

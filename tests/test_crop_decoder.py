@@ -193,21 +193,22 @@ def test_bad_interpolation_is_refused():
         cd.CenterCropDecoder((64, 64), 0.95, interpolation="random")
 
 
-def _jpeg(img, subsampling):
+def _jpeg(img, subsampling, progressive=False):
     import io
     buf = io.BytesIO()
-    Image.fromarray(img).save(buf, "JPEG", quality=90, subsampling=subsampling)
+    Image.fromarray(img).save(buf, "JPEG", quality=90, subsampling=subsampling, progressive=progressive)
     return np.frombuffer(buf.getvalue(), np.uint8)
 
 
-@pytest.mark.parametrize("subsampling", [0, 1, 2])  # 4:4:4, 4:2:2, 4:2:0 (FFCV's writer: 4:2:0)
-def test_region_decode_is_pixel_identical_to_the_full_decode(subsampling):
+# 4:4:4, 4:2:2, 4:2:0 (FFCV's writer: baseline 4:2:0), and a progressive JPEG
+@pytest.mark.parametrize("subsampling,progressive", [(0, False), (1, False), (2, False), (2, True)])
+def test_region_decode_is_pixel_identical_to_the_full_decode(subsampling, progressive):
     """decode_resize decodes only the region its resize reads: the output must equal the one from the
     whole decoded image bit for bit, for train boxes (taps inside the box) and eval boxes (taps beyond)."""
     rng = np.random.default_rng(subsampling)
     img = photo(11)[:333, :500]
     h, w = img.shape[:2]
-    data = _jpeg(img, subsampling)
+    data = _jpeg(img, subsampling, progressive)
     buf, info = np.empty(h * w * 3, np.uint8), np.zeros(4, np.int32)
     scales = np.array(cd.DCT_SCALES)
     for trial in range(40):
