@@ -26,6 +26,8 @@ if not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")
     sys.exit("error: Python.h not found (install the python3-dev package): ffcv compiles a C++ extension")
 if not (shutil.which("c++") or shutil.which("g++")):
     sys.exit("error: no C++ compiler (c++/g++) on PATH: ffcv compiles a C++ extension")
+if not (shutil.which("cc") or shutil.which("gcc")):
+    sys.exit("error: no C compiler (cc/gcc) on PATH: rsb_ffcv compiles rsb_ffcv/_jpeg.c")
 PYCHECK
 
 if [ "${INSTALL_INTO_CURRENT:-0}" = 1 ]; then

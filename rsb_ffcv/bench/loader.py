@@ -10,7 +10,7 @@ pipeline once per round, back to back; ratios are taken within a round, then the
   auto_augment='rand-m6-mstd0.5-inc1', interpolation='bicubic') in a torch DataLoader;
 - timm without RandAugment;
 - decode floor: every JPEG fully decoded (libjpeg-turbo, as FFCV) in the same loader, nothing else. Our
-  decoder beats it: it decodes only each crop's region.
+  decoder can match it while also resizing: it decodes only each crop's region.
 The betons hold every image as JPEG (write_mode=jpg), so every pipeline decodes every image, like timm.
 A last row uses ffcv-imagenet's usual beton (half the images stored raw), which skips half the decodes.
 """
