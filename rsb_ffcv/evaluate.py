@@ -1,7 +1,7 @@
 """`python -m rsb_ffcv.evaluate --eval.models=a3=runs/a3/best.pt --eval.datasets=data/imagenet/val.beton`
 
 Top-1/top-5 of one or more models (rsb_ffcv checkpoints, W&B model artifacts, timm-format weights: see
-rsb_ffcv/models.py) on one or more betons (ImageNet val, ImageNet-V2, ImageNet subsets), plus
+rsb_ffcv/weights.py) on one or more betons (ImageNet val, ImageNet-V2, ImageNet subsets), plus
 ImageNet-ReaL accuracy where real.json is given. The images go through the trainer's validation loader
 (timm's eval geometry: resize the shorter side to int(size / crop_ratio), centre crop). Prints a table,
 writes results.json, logs a W&B summary and table when logging is on. torchrun for several devices.
@@ -17,14 +17,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from fastargs import Param, Section
-from fastargs.validation import OneOf
 
 from . import distributed, loaders
 from .augment import Normalize
-from .config import BoolStr, ConfigError, load_config, print_config
-from .models import label_map, load_model
+from .config import BoolStr, Choice, ConfigError, load_config, print_config
+from .datasets.betons import open_dataset
+from .files import save_json
 from .recipe import choose_precision
-from .tracking import Tracker, save_json
+from .tracking import Tracker
+from .weights import label_map, load_model
 
 Section("eval", "evaluation").params(
     models=Param(str, "comma-separated model specs [NAME=]SOURCE: a checkpoint .pt, "
@@ -34,14 +35,17 @@ Section("eval", "evaluation").params(
                            "the datasets whose files are ILSVRC2012_val_*", default=""),
     resolution=Param(int, "test resolution", default=224),
     crop_ratio=Param(float, "centre crop side / shorter side (timm crop_pct)", default=0.95),
-    interpolation=Param(OneOf(["bicubic", "bilinear"]), "resize filter", default="bicubic"),
+    interpolation=Param(Choice(["bicubic", "bilinear"]), "resize filter", default="bicubic"),
     flip_tta=Param(BoolStr(), "average the logits of the image and its mirror", default=False),
     use_ema=Param(BoolStr(), "evaluate the EMA weights of rsb_ffcv checkpoints", default=False),
     batch_size=Param(int, "images per batch per device", default=256),
     num_workers=Param(int, "FFCV decode threads; 0 = available cores / local processes", default=0),
-    device=Param(OneOf(["auto", "cuda", "cpu"]), "auto: cuda when available", default="auto"),
+    device=Param(Choice(["auto", "cuda", "cpu"]), "auto: cuda when available", default="auto"),
+    trust_pickles=Param(BoolStr(), "load weight files even if they hold Python objects beyond tensors (e.g. timm's "
+                                   "old .pth.tar with an argparse.Namespace; only for files you trust: unpickling "
+                                   "can run code)", default=False),
     out_dir=Param(str, "results.json, metrics.jsonl and the W&B run go here", default="runs/eval"),
-    wandb_mode=Param(OneOf(["auto", "online", "offline", "disabled"]), "as the trainer's logging.wandb_mode",
+    wandb_mode=Param(Choice(["auto", "online", "offline", "disabled"]), "as the trainer's logging.wandb_mode",
                      default="disabled"),
     wandb_project=Param(str, "W&B project", default="rsb_ffcv"),
     wandb_entity=Param(str, "W&B entity ('' = default)", default=""),
@@ -116,7 +120,7 @@ def gather_in_record_order(d, array: np.ndarray) -> np.ndarray:
 
 def evaluate(cfg: dict, d) -> list[dict]:
     betons = [b for b in cfg["eval.datasets"].split(",") if b]
-    metas = {b: loaders.read_sidecar(b) for b in betons}
+    metas = {b: open_dataset(b) for b in betons}
     label_sets = {}
     if cfg["eval.real_labels"]:
         real = read_real_labels(cfg["eval.real_labels"])
@@ -131,7 +135,7 @@ def evaluate(cfg: dict, d) -> list[dict]:
     workers = cfg["eval.num_workers"] or threads
     rows = []
     for spec in [s for s in cfg["eval.models"].split(",") if s]:
-        m = load_model(spec, d.device, cfg["eval.use_ema"])
+        m = load_model(spec, d.device, cfg["eval.use_ema"], cfg["eval.trust_pickles"], "eval.trust_pickles")
         for b in betons:
             label_map(m.classes, metas[b]["classes"], m.name, b)
             loader = loaders.val_loader(b, cfg["eval.batch_size"], cfg["eval.resolution"], cfg["eval.crop_ratio"],

@@ -11,7 +11,6 @@ split: weights = spatial mean of d(score)/d(features), CAM = ReLU(sum_k weight_k
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -19,16 +18,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from fastargs import Param, Section
-from fastargs.validation import OneOf
 from PIL import Image
 
 from . import distributed, loaders
 from .augment import Normalize
-from .config import ConfigError, load_config, print_config
+from .config import BoolStr, Choice, ConfigError, load_config, print_config
 from .crop_decoder import center_box
+from .datasets.betons import open_dataset
 from .datasets.sources import readable_names
-from .models import label_map, load_model
-from .tracking import Tracker, save_json
+from .files import save_figure, save_json
+from .tracking import Tracker
+from .weights import label_map, load_model
 
 Section("gradcam", "Grad-CAM comparison").params(
     models=Param(str, "comma-separated NAME=SOURCE model specs (as rsb_ffcv.evaluate)", required=True),
@@ -36,15 +36,18 @@ Section("gradcam", "Grad-CAM comparison").params(
     images=Param(int, "number of images (seeded selection)", default=8),
     indices=Param(str, "comma-separated record indices instead of a seeded selection", default=""),
     seed=Param(int, "selection seed", default=0),
-    target=Param(OneOf(["true", "predicted"]), "explain the true class or each model's predicted class",
+    target=Param(Choice(["true", "predicted"]), "explain the true class or each model's predicted class",
                  default="true"),
     resolution=Param(int, "input resolution", default=224),
     crop_ratio=Param(float, "centre crop side / shorter side", default=0.95),
-    localisation=Param(OneOf(["auto", "off"]), "auto: score every image of the beton when it has boxes",
+    localisation=Param(Choice(["auto", "off"]), "auto: score every image of the beton when it has boxes",
                        default="auto"),
-    device=Param(OneOf(["auto", "cuda", "cpu"]), "auto: cuda when available", default="auto"),
+    device=Param(Choice(["auto", "cuda", "cpu"]), "auto: cuda when available", default="auto"),
+    trust_pickles=Param(BoolStr(), "load weight files even if they hold Python objects beyond tensors (e.g. timm's "
+                                   "old .pth.tar with an argparse.Namespace; only for files you trust: unpickling "
+                                   "can run code)", default=False),
     out_dir=Param(str, "grid.png, scores.json and the W&B run go here", default="runs/gradcam"),
-    wandb_mode=Param(OneOf(["auto", "online", "offline", "disabled"]), "as the trainer's logging.wandb_mode",
+    wandb_mode=Param(Choice(["auto", "online", "offline", "disabled"]), "as the trainer's logging.wandb_mode",
                      default="auto"),
     wandb_project=Param(str, "W&B project (use the training runs' project)", default="rsb_ffcv"),
     wandb_entity=Param(str, "W&B entity ('' = default)", default=""),
@@ -156,15 +159,12 @@ def grid_png(path: Path, images: np.ndarray, label_names: list[str], panels: dic
         ax.axis("off")
     fig.suptitle(title, fontsize=8)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))  # room for the title
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=110)
 
 
 def run(cfg: dict, device: torch.device) -> dict:
     beton, size, ratio = cfg["gradcam.dataset"], cfg["gradcam.resolution"], cfg["gradcam.crop_ratio"]
-    meta = loaders.read_sidecar(beton)
+    meta = open_dataset(beton)
     n = len(meta["labels"])
     if cfg["gradcam.indices"]:
         try:
@@ -187,7 +187,7 @@ def run(cfg: dict, device: torch.device) -> dict:
     true_names = [names[int(y)] for y in labels[pick]]
     panels, scores, rows = {}, {}, []
     for spec in [s for s in cfg["gradcam.models"].split(",") if s]:
-        m = load_model(spec, device)
+        m = load_model(spec, device, trust=cfg["gradcam.trust_pickles"], trust_flag="gradcam.trust_pickles")
         label_map(m.classes, meta["classes"], m.name, beton)
         cams, raw, probs = cams_for(m.model, images, labels, cfg["gradcam.target"], size)
         conf, pred = probs.max(1)

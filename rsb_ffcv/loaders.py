@@ -7,60 +7,89 @@ forever on JIT → non-JIT → JIT pipelines.
 from __future__ import annotations
 
 import hashlib
-import json
 import queue
-from pathlib import Path
 
 import numpy as np
 import torch
 from ffcv.fields.basics import IntDecoder
-from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
+from ffcv.fields.rgb_image import (
+    CenterCropRGBImageDecoder,
+    RandomResizedCropRGBImageDecoder,
+)
 from ffcv.loader import Loader, OrderOption
+from ffcv.transforms import (
+    RandomHorizontalFlip,
+    Squeeze,
+    ToDevice,
+    ToTensor,
+    ToTorchImage,
+)
 from ffcv.traversal_order.base import TraversalOrder
-from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
 from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import DistributedSampler
 
+from .cli import RunFailure
 from .config import ConfigError
 from .crop_decoder import CenterCropDecoder, RandomResizedCropDecoder
 
 
 class TrainOrder(TraversalOrder):
-    """Which records each rank trains on in an epoch.
+    """Which records this process trains on in an epoch, batch by batch.
 
-    repeats > 1: timm's RepeatAugSampler (shuffle seeded by seed + epoch, each index repeated `repeats`
-    times, copies spread across ranks, equal per-rank length). Otherwise torch's DistributedSampler
-    (seeded shuffle, padded to equal per-rank length; a plain permutation with one process).
-    `skip_batches` drops the first batches of the next epoch once: a mid-epoch resume.
+    Every gradient-accumulation micro-batch is a virtual rank: with `world` processes and `accum`
+    micro-batches per step there are world x accum virtual ranks, and this process's micro-batch k of a
+    step is the device batch that virtual rank (rank x accum + k) gets. So 1 GPU x 4 accumulation trains on
+    exactly the device batches (BatchNorm batches, Mixup partners) that 4 GPUs x 1 would.
+    repeats > 1: timm's RepeatAugSampler over the virtual ranks (shuffle seeded by seed + epoch, each index
+    repeated `repeats` times, copies spread across virtual ranks); it needs at least `repeats` virtual ranks,
+    or copies of one image would share a device batch. Otherwise torch's DistributedSampler (seeded
+    shuffle, padded to equal length per virtual rank; a plain permutation when there is one).
+    `skip_batches` drops the first micro-batches of the next epoch once: a mid-epoch resume.
     """
 
-    def __init__(self, loader, repeats: int, rank: int, world: int, batch_size: int):
+    def __init__(self, loader, repeats: int, rank: int, world: int, batch_size: int, accum: int = 1):
         super().__init__(loader)
-        self.repeats, self.rank, self.world, self.batch_size = repeats, rank, world, batch_size
+        self.repeats, self.rank, self.world, self.batch_size, self.accum = repeats, rank, world, batch_size, accum
+        self.virtual_world = world * accum
+        if repeats > 1 and self.virtual_world < repeats:
+            raise ConfigError(
+                f"training.repeated_aug={repeats} needs at least {repeats} device batches per optimizer step, or "
+                f"copies of an image share a device batch; this run has {world} process(es) x {accum} accumulation "
+                f"= {self.virtual_world}: lower training.max_device_batch (e.g. to training.batch_size / "
+                f"{repeats * world} or less) or use more processes")
         self.skip_batches = 0
         self.digest = ""  # of the last epoch's full order: lets tests and logs compare data orders
 
-    def positions(self, epoch: int) -> list[int]:
+    def virtual_positions(self, epoch: int, virtual_rank: int) -> list[int]:
+        """Dataset positions of one virtual rank's epoch, as timm's/torch's sampler gives them."""
         n = len(self.indices)
         if self.repeats > 1:
-            sampler = RepeatAugSampler(range(n), num_replicas=self.world, rank=self.rank,
+            sampler = RepeatAugSampler(range(n), num_replicas=self.virtual_world, rank=virtual_rank,
                                        num_repeats=self.repeats)
             sampler.set_epoch(self.seed + epoch)
         else:
-            sampler = DistributedSampler(range(n), num_replicas=self.world, rank=self.rank, shuffle=True,
-                                         seed=self.seed, drop_last=False)
+            sampler = DistributedSampler(range(n), num_replicas=self.virtual_world, rank=virtual_rank,
+                                         shuffle=True, seed=self.seed, drop_last=False)
             sampler.set_epoch(epoch)
         return list(sampler)
 
+    def positions(self, epoch: int) -> np.ndarray:
+        """This process's positions: for each step, the batches of its `accum` virtual ranks in turn
+        (each virtual rank's partial last batch is dropped, as drop_last does on a GPU)."""
+        per_rank = [self.virtual_positions(epoch, self.rank * self.accum + k) for k in range(self.accum)]
+        batches = len(per_rank[0]) // self.batch_size
+        grid = np.asarray([p[:batches * self.batch_size] for p in per_rank], dtype=np.int64)
+        return grid.reshape(self.accum, batches, self.batch_size).transpose(1, 0, 2).reshape(-1)
+
     def sample_order(self, epoch: int):
-        order = self.indices[np.asarray(self.positions(epoch), dtype=np.int64)]
+        order = self.indices[self.positions(epoch)]
         self.digest = hashlib.sha1(order.tobytes()).hexdigest()[:12]
         if self.skip_batches:
             order, self.skip_batches = order[self.skip_batches * self.batch_size:], 0
         return order
 
 
-class LoaderDied(RuntimeError):
+class LoaderDied(RunFailure):
     pass
 
 
@@ -95,15 +124,6 @@ def epoch(loader: Loader, torch_threads: int):
     return it
 
 
-def read_sidecar(beton: str) -> dict:
-    side = Path(beton).with_suffix(".json")
-    if not Path(beton).is_file():
-        raise ConfigError(f"dataset '{beton}' not found (write it with write_datasets.py)")
-    if not side.is_file():
-        raise ConfigError(f"dataset '{beton}' has no sidecar '{side.name}' (rewrite it with write_datasets.py)")
-    return json.loads(side.read_text())
-
-
 def _label_pipeline(device):
     return [IntDecoder(), ToTensor(), Squeeze(1), ToDevice(device, non_blocking=True)]
 
@@ -126,7 +146,7 @@ def val_decoder(kind: str, resolution: int, crop_ratio: float, interpolation: st
 
 def train_loader(path: str, batch_size: int, resolution: int, device: torch.device, *, num_workers: int,
                  seed: int, repeats: int, rank: int, world: int, os_cache: bool, batches_ahead: int,
-                 decoder: str = "fast", interpolation: str = "bicubic", region_decode: bool = True):
+                 accum: int = 1, decoder: str = "fast", interpolation: str = "bicubic", region_decode: bool = True):
     stages = train_decoder(decoder, resolution, interpolation, region_decode)
     image = [*stages, ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(channels_last=True)]
     loader = Loader(path, batch_size=batch_size, num_workers=num_workers, order=OrderOption.RANDOM,
@@ -134,11 +154,12 @@ def train_loader(path: str, batch_size: int, resolution: int, device: torch.devi
                     pipelines={"image": image, "label": _label_pipeline(device)})
     # FFCV 1.0.2 takes no custom order class in the constructor: install ours, then refresh the
     # first order, from which len(loader) is computed.
-    loader.traversal_order = TrainOrder(loader, repeats, rank, world, batch_size)
+    loader.traversal_order = TrainOrder(loader, repeats, rank, world, batch_size, accum)
     loader.first_traversal_order = loader.next_traversal_order()
     if len(loader) == 0:
-        raise ConfigError(f"'{path}': {len(loader.first_traversal_order)} samples per rank are fewer than the "
-                          f"per-device batch {batch_size}; lower training.batch_size")
+        per_rank = len(loader.traversal_order.virtual_positions(0, 0))
+        raise ConfigError(f"'{path}': {per_rank} samples per device batch stream are fewer than the per-device "
+                          f"batch {batch_size}; lower training.batch_size")
     return loader, stages[0]
 
 

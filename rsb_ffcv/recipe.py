@@ -9,7 +9,11 @@ from dataclasses import dataclass
 
 import timm
 import torch
-from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.loss import (
+    BinaryCrossEntropy,
+    LabelSmoothingCrossEntropy,
+    SoftTargetCrossEntropy,
+)
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 
@@ -33,11 +37,19 @@ def build_optimizer(model, opt: str, lr: float, weight_decay: float, momentum: f
 
 
 def build_scheduler(optimizer, epochs: int, steps_per_epoch: int, warmup_epochs: float, warmup_lr: float,
-                    min_lr: float, cooldown_epochs: int = 0):
-    """timm's cosine schedule with linear warmup, stepped per optimizer update (step_update(t))."""
+                    min_lr: float, cooldown_epochs: int = 0, step_unit: str = "epoch"):
+    """timm's cosine schedule with linear warmup (warmup inside `epochs`, then `cooldown_epochs` at min_lr).
+
+    step_unit=epoch: timm's CosineLRScheduler(t_in_epochs=True) as train.py ran it in 2021 (v0.4.12 and
+    v0.5.4): the rate changes once per epoch, epoch 0 runs at warmup_lr; the trainer calls step(epoch) at
+    the start of every epoch, which gives the rates train.py's step(epoch + 1) at epoch ends and
+    step(start_epoch) on resume gave. step_unit=update: per optimizer update (timm's --sched-on-updates,
+    2022-10 on); the trainer calls step_update(t) after update t. Returns (scheduler, total epochs)."""
+    by_epoch = step_unit == "epoch"
     scheduler, total_epochs = create_scheduler_v2(
         optimizer, sched="cosine", num_epochs=epochs, warmup_epochs=warmup_epochs, warmup_lr=warmup_lr,
-        min_lr=min_lr, cooldown_epochs=cooldown_epochs, step_on_epochs=False, updates_per_epoch=steps_per_epoch)
+        min_lr=min_lr, cooldown_epochs=cooldown_epochs, step_on_epochs=by_epoch,
+        updates_per_epoch=0 if by_epoch else steps_per_epoch)
     return scheduler, total_epochs
 
 
@@ -74,10 +86,14 @@ def choose_precision(requested: str, device: torch.device) -> Precision:
     return Precision(name, device.type)
 
 
-def maybe_compile(model, enabled: bool, device: torch.device, log=print):
-    if not enabled:
-        return model
-    if device.type != "cuda":
-        log("note: model.compile skipped on CPU (compile targets the CUDA path)")
-        return model
-    return torch.compile(model)
+def configure_backends(device: torch.device) -> None:
+    """Per-device switches, decided once: cuDNN picks the fastest convolution algorithms for the fixed
+    training shapes (timm's and ffcv-imagenet's train scripts do the same)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
+def compile_model(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
+    """torch.compile on any device (inductor: Triton on GPUs, C++ via the system compiler on CPUs). Compile
+    the DDP-wrapped module, so that compiled graphs break at DDP's bucket boundaries (PyTorch's advice)."""
+    return torch.compile(model) if enabled else model

@@ -12,15 +12,6 @@ import time
 from pathlib import Path
 
 
-def save_json(path: Path, obj) -> Path:
-    """Write JSON to a temporary name beside `path`, then rename: never a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
-    return path
-
-
 def wandb_credentials_present() -> bool:
     if os.environ.get("WANDB_API_KEY"):
         return True

@@ -21,17 +21,30 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from . import checkpoint, distributed, loaders, train_config
+from . import checkpoint, cli, distributed, loaders, train_config
 from .augment import TrainAugment
 from .config import ConfigError, load_config, print_config
-from .loaders import progressive_resolution, read_sidecar, set_train_resolution, train_loader, val_loader
-from .recipe import (build_loss, build_model, build_optimizer, build_scheduler, choose_precision,
-                     maybe_compile)
+from .datasets.betons import open_dataset
+from .loaders import (
+    progressive_resolution,
+    set_train_resolution,
+    train_loader,
+    val_loader,
+)
+from .recipe import (
+    build_loss,
+    build_model,
+    build_optimizer,
+    build_scheduler,
+    choose_precision,
+    compile_model,
+    configure_backends,
+)
 from .tracking import Tracker
 
 
-class LossNotFinite(RuntimeError):
-    pass
+class LossNotFinite(cli.RunFailure):
+    every_rank = True  # the ranks agree on it
 
 
 def device_batch(global_batch: int, world: int, max_device_batch: int) -> tuple[int, int]:
@@ -60,11 +73,18 @@ class Trainer:
         self.cfg, self.d = cfg, d
         self.log = functools.partial(print, flush=True) if d.is_main else (lambda *a, **k: None)
         self.run_dir = Path(cfg["logging.run_dir"])
-        self.stop_requested = False
+        self.stop_requested = False  # this rank got a signal
+        self.stopping = False  # all ranks agreed to stop at this step
 
-        train_meta = read_sidecar(cfg["data.train_dataset"])
-        read_sidecar(cfg["data.val_dataset"])
+        train_meta = open_dataset(cfg["data.train_dataset"])
+        val_meta = open_dataset(cfg["data.val_dataset"])
         self.classes = train_meta["classes"]
+        if val_meta["classes"] != self.classes:
+            raise ConfigError(
+                f"'{cfg['data.train_dataset']}' has {len(self.classes)} classes ({', '.join(self.classes[:3])}, ...) "
+                f"but '{cfg['data.val_dataset']}' has {len(val_meta['classes'])} "
+                f"({', '.join(val_meta['classes'][:3])}, ...): write the val beton with "
+                f"--source.classes_from=<the train beton's .json> so that label i means the same class")
         self.micro_batch, self.accum = device_batch(cfg["training.batch_size"], d.world,
                                                     cfg["training.max_device_batch"])
         if (cfg["augment.mixup_alpha"] > 0 or cfg["augment.cutmix_alpha"] > 0) and self.micro_batch % 2:
@@ -74,9 +94,11 @@ class Trainer:
             raise ConfigError(f"logging.run_dir '{self.run_dir}' already holds a checkpoint: set "
                               f"training.resume=auto to continue it, or choose another run_dir")
 
+        self.debug_signals = parse_debug_signals(cfg["training.debug_signal_at"])
         seed = cfg["training.seed"]
         torch.manual_seed(seed)  # identical initial weights on every rank
         self.device = d.device
+        configure_backends(self.device)
         self.precision = choose_precision(cfg["training.precision"], self.device)
         self.model = build_model(cfg["model.arch"], len(self.classes), cfg["model.drop_path"],
                                  cfg["model.channels_last"], self.device)
@@ -87,10 +109,12 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg["optim.opt"], cfg["lr.lr"], cfg["optim.weight_decay"],
                                          cfg["optim.momentum"])
         self.scaler = self.precision.grad_scaler()
-        self.train_model = maybe_compile(self.model, cfg["model.compile"], self.device, self.log)
+        self.ddp = None
         if d.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.train_model = torch.nn.parallel.DistributedDataParallel(self.train_model, device_ids=ids)
+            self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.train_model = compile_model(self.ddp or self.model, cfg["model.compile"])
+        self.stopper = distributed.StopAgreement(d.world)
 
         torch.manual_seed(seed + d.rank)  # augmentation randomness differs per rank
         np.random.seed(seed + d.rank)
@@ -101,7 +125,7 @@ class Trainer:
                       decoder=cfg["data.decoder"])
         self.train_loader, self.decoder = train_loader(
             cfg["data.train_dataset"], self.micro_batch, cfg["resolution.train"], self.device, seed=seed,
-            repeats=cfg["training.repeated_aug"], rank=d.rank, world=d.world,
+            repeats=cfg["training.repeated_aug"], rank=d.rank, world=d.world, accum=self.accum,
             interpolation=cfg["data.train_interpolation"], **common)
         self.val_loader = val_loader(cfg["data.val_dataset"], self.micro_batch, cfg["resolution.test"],
                                      cfg["resolution.test_crop_ratio"], self.device, rank=d.rank, world=d.world,
@@ -113,21 +137,23 @@ class Trainer:
         self.loss_fn = build_loss(cfg["training.loss"], self.augment.mixup_active, cfg["training.label_smoothing"],
                                   cfg["training.bce_target_thresh"])
 
-        micro_per_epoch = len(self.train_loader) - len(self.train_loader) % self.accum
+        self.steps_per_epoch = len(self.train_loader) // self.accum  # the order holds whole steps
         if cfg["training.steps_per_epoch"]:
-            micro_per_epoch = min(micro_per_epoch, cfg["training.steps_per_epoch"] * self.accum)
-        self.steps_per_epoch = micro_per_epoch // self.accum
+            self.steps_per_epoch = min(self.steps_per_epoch, cfg["training.steps_per_epoch"])
         if self.steps_per_epoch == 0:
             raise ConfigError(f"training.batch_size={cfg['training.batch_size']} is larger than an epoch of "
                               f"'{cfg['data.train_dataset']}': lower it")
         self.scheduler, self.total_epochs = build_scheduler(
             self.optimizer, cfg["training.epochs"], self.steps_per_epoch, cfg["lr.warmup_epochs"],
-            cfg["lr.warmup_lr"], cfg["lr.min_lr"], cfg["lr.cooldown_epochs"])
+            cfg["lr.warmup_lr"], cfg["lr.min_lr"], cfg["lr.cooldown_epochs"], cfg["lr.step_unit"])
 
         self.epoch, self.step, self.epoch_steps_done, self.best_top1 = 0, 0, 0, -1.0
         wandb_id = None
         if resume_path is not None:
-            wandb_id = self.load_state(checkpoint.load(resume_path))
+            ck = checkpoint.load(resume_path, cfg["training.trust_pickles"])
+            if not checkpoint.is_ours(ck):
+                raise ConfigError(f"training.resume: '{resume_path}' is not an rsb_ffcv checkpoint")
+            wandb_id = self.load_state(ck)
             self.log(f"resumed from {resume_path}: epoch {self.epoch}, step {self.step}")
         if d.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -171,20 +197,25 @@ class Trainer:
             self.tracker.log_checkpoint(last, aliases, {"epoch": self.epoch, "step": self.step, "val_top1": top1})
 
     # ---- training ------------------------------------------------------------------------------------
-    def check_health(self, nonfinite: torch.Tensor):
-        """Agree across ranks on NaN/inf loss and on stop requests (one small all-reduce)."""
-        bad, stop = self.d.all_sum([float(nonfinite.item()), float(self.stop_requested)])
-        if bad:
+    def check_loss(self, nonfinite: torch.Tensor):
+        """Agree across ranks on a NaN/inf loss (one small all-reduce, on the logging step's sync)."""
+        if self.d.all_sum([float(nonfinite.item())])[0]:
             raise LossNotFinite(f"loss is not finite at step {self.step} (epoch {self.epoch}); stopped. "
                                 f"The last good checkpoint is {self.run_dir / 'last.pt'}")
-        self.stop_requested = bool(stop)
+
+    def set_epoch_lr(self):
+        """The rate for this epoch (step_unit=epoch), or for the next update (update): timm's scheduler."""
+        if self.cfg["lr.step_unit"] == "epoch":
+            self.scheduler.step(self.epoch)
+        else:
+            self.scheduler.step_update(num_updates=self.step)
 
     def forward_backward(self, images: torch.Tensor, labels: torch.Tensor, sync_grads: bool = True) -> torch.Tensor:
         """One micro-batch: device augmentation, forward under autocast, scaled backward (DDP all-reduces
-        the gradients only when sync_grads). Returns the detached loss."""
+        the gradients only when sync_grads, i.e. on the last micro-batch of a step). Returns the loss."""
         x, y = self.augment(images, labels)
-        no_sync = self.d.world > 1 and not sync_grads
-        with self.train_model.no_sync() if no_sync else contextlib.nullcontext():
+        no_sync = self.ddp.no_sync() if self.ddp is not None and not sync_grads else contextlib.nullcontext()
+        with no_sync:
             with self.precision.autocast():
                 loss = self.loss_fn(self.train_model(x), y)
             if self.step == self.cfg["training.debug_nan_at_step"]:
@@ -206,6 +237,7 @@ class Trainer:
     def train_epoch(self) -> dict:
         cfg = self.cfg
         self.train_model.train()
+        self.set_epoch_lr()
         self.train_loader.traversal_order.skip_batches = self.epoch_steps_done * self.accum
         self.train_loader.next_epoch = self.epoch
         it = loaders.epoch(self.train_loader, self.compute_threads)
@@ -214,27 +246,27 @@ class Trainer:
         window_loss = torch.zeros((), device=self.device)
         window_t0, window_wait, window_steps, epoch_steps = time.perf_counter(), 0.0, 0, 0
         epoch_t0 = time.perf_counter()
-        micro, resolution = 0, None
-        while self.epoch_steps_done < self.steps_per_epoch and not self.stop_requested:
-            t0 = time.perf_counter()
-            images, labels = next(it)
-            window_wait += time.perf_counter() - t0
-            resolution = images.shape[-1]
-            boundary = (micro + 1) % self.accum == 0
-            loss = self.forward_backward(images, labels, sync_grads=boundary)
-            micro += 1
-            nonfinite |= ~torch.isfinite(loss)
-            window_loss += loss / self.accum
-            if not boundary:
-                continue
+        resolution = None
+        while self.epoch_steps_done < self.steps_per_epoch:
+            for k in range(self.accum):  # micro-batches: the device batches of this process's virtual ranks
+                t0 = time.perf_counter()
+                images, labels = next(it)
+                window_wait += time.perf_counter() - t0
+                resolution = images.shape[-1]
+                loss = self.forward_backward(images, labels, sync_grads=k == self.accum - 1)
+                nonfinite |= ~torch.isfinite(loss)
+                window_loss += loss / self.accum
             self.optimizer_step()
             self.step += 1
             self.epoch_steps_done += 1
             epoch_steps += 1
             window_steps += 1
-            self.scheduler.step_update(num_updates=self.step)
+            if cfg["lr.step_unit"] == "update":
+                self.scheduler.step_update(num_updates=self.step)
+            if (self.d.rank, self.step) in self.debug_signals:
+                os.kill(os.getpid(), signal.SIGTERM)
             if self.step % cfg["logging.log_every"] == 0 or self.epoch_steps_done == self.steps_per_epoch:
-                self.check_health(nonfinite)
+                self.check_loss(nonfinite)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
                 elapsed = time.perf_counter() - window_t0
@@ -251,27 +283,41 @@ class Trainer:
                          f"{images_per_s:.0f} img/s data-wait {100 * metrics['train/data_wait']:.0f}%")
                 window_loss.zero_()
                 window_t0, window_wait, window_steps = time.perf_counter(), 0.0, 0
+            if self.stopper.poll(self.stop_requested):  # every rank gets the same answer at this step
+                self.stopping = True
+                break
         it.close()
         loss_total = self.d.all_sum([(loss_sum + window_loss).item()])[0]
         return {"train/epoch_loss": loss_total / max(1, epoch_steps * self.d.world),
                 "epoch_time_s": time.perf_counter() - epoch_t0, "train/resolution": resolution,
                 "order_digest": self.train_loader.traversal_order.digest}
 
+    def reduce_batchnorm(self):
+        """Make the BatchNorm running statistics of every rank equal (timm's --dist-bn, with its
+        distribute_bn): before validating and before saving, so that every rank evaluates, and the
+        checkpoint holds, one model."""
+        mode = self.cfg["training.dist_bn"]
+        if self.d.world == 1 or mode == "none":
+            return
+        from timm.utils import distribute_bn
+        for model in [self.model] + ([self.ema.module] if self.ema is not None else []):
+            distribute_bn(model, self.d.world, reduce=mode == "reduce")
+
     @torch.no_grad()
     def evaluate(self, model) -> dict:
         model.eval()
         k = min(5, len(self.classes))
-        loss = c1 = ck = n = 0.0
+        totals = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, top-1, top-k, images
         for images, labels in loaders.epoch(self.val_loader, self.compute_threads):
             with self.precision.autocast():
                 logits = model(self.augment.normalize(images))  # the same normalisation as training
             logits = logits.float()
-            loss += F.cross_entropy(logits, labels, reduction="sum").item()
             top = logits.topk(k, dim=1).indices
-            c1 += (top[:, 0] == labels).sum().item()
-            ck += (top == labels[:, None]).any(dim=1).sum().item()
-            n += labels.numel()
-        loss, c1, ck, n = self.d.all_sum([loss, c1, ck, n])
+            totals += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(),
+                                   (top[:, 0] == labels).sum().double(),
+                                   (top == labels[:, None]).any(dim=1).sum().double(),
+                                   torch.tensor(float(labels.numel()), dtype=torch.float64, device=self.device)])
+        loss, c1, ck, n = self.d.all_sum(totals.tolist())
         return {"top1": 100 * c1 / n, f"top{k}": 100 * ck / n, "loss": loss / n, "images": int(n)}
 
     def fit(self) -> float:
@@ -280,72 +326,85 @@ class Trainer:
                  f"{self.micro_batch} x {self.accum} accumulation, {self.steps_per_epoch} steps/epoch, "
                  f"{self.total_epochs} epochs")
         top1 = None
-        while self.epoch < self.total_epochs:
-            res = progressive_resolution(self.epoch, cfg["resolution.progressive_start"],
-                                         cfg["resolution.progressive_end"], cfg["resolution.progressive_start_epoch"],
-                                         cfg["resolution.progressive_end_epoch"], cfg["resolution.train"])
-            set_train_resolution(self.decoder, res)
-            stats = self.train_epoch()
-            if self.stop_requested:
-                self.save(None, log_artifact=False)
-                self.log(f"stopped by signal at step {self.step}; checkpoint saved to {self.run_dir / 'last.pt'} "
-                         f"(resume with --training.resume=auto)")
-                return top1
-            last = self.epoch + 1 == self.total_epochs
-            metrics = {**stats, "epoch": self.epoch}
-            top1 = None
-            if (self.epoch + 1) % cfg["training.eval_every"] == 0 or last:
-                val = self.evaluate(self.model)
-                top1 = val["top1"]
-                metrics.update({f"val/{k}": v for k, v in val.items()})
-                if self.ema is not None:
-                    metrics.update({f"val_ema/{k}": v for k, v in self.evaluate(self.ema.module).items()})
-            self.log(f"epoch {self.epoch} done in {stats['epoch_time_s']:.1f}s: train loss "
-                     f"{stats['train/epoch_loss']:.4f}" + (f", val top-1 {top1:.2f}" if top1 is not None else ""))
-            self.epoch += 1
-            self.epoch_steps_done = 0
-            artifact_every = cfg["logging.artifact_every"]
-            self.save(top1, log_artifact=last or (artifact_every > 0 and self.epoch % artifact_every == 0))
-            if top1 is not None:
-                self.best_top1 = max(self.best_top1, top1)
-            self.tracker.log(metrics, step=self.step)
+        try:
+            while self.epoch < self.total_epochs:
+                res = progressive_resolution(self.epoch, cfg["resolution.progressive_start"],
+                                             cfg["resolution.progressive_end"],
+                                             cfg["resolution.progressive_start_epoch"],
+                                             cfg["resolution.progressive_end_epoch"], cfg["resolution.train"])
+                set_train_resolution(self.decoder, res)
+                stats = self.train_epoch()
+                self.reduce_batchnorm()
+                if self.stopping:
+                    self.save(None, log_artifact=False)
+                    self.log(f"stopped by signal at step {self.step}; checkpoint saved to {self.run_dir / 'last.pt'} "
+                             f"(resume with --training.resume=auto)")
+                    return top1
+                last = self.epoch + 1 == self.total_epochs
+                metrics = {**stats, "epoch": self.epoch}
+                top1 = None
+                if (self.epoch + 1) % cfg["training.eval_every"] == 0 or last:
+                    val = self.evaluate(self.model)
+                    top1 = val["top1"]
+                    metrics.update({f"val/{k}": v for k, v in val.items()})
+                    if self.ema is not None:
+                        metrics.update({f"val_ema/{k}": v for k, v in self.evaluate(self.ema.module).items()})
+                self.log(f"epoch {self.epoch} done in {stats['epoch_time_s']:.1f}s: train loss "
+                         f"{stats['train/epoch_loss']:.4f}" + (f", val top-1 {top1:.2f}" if top1 is not None else ""))
+                self.epoch += 1
+                self.epoch_steps_done = 0
+                artifact_every = cfg["logging.artifact_every"]
+                self.save(top1, log_artifact=last or (artifact_every > 0 and self.epoch % artifact_every == 0))
+                if top1 is not None:
+                    self.best_top1 = max(self.best_top1, top1)
+                self.tracker.log(metrics, step=self.step)
+        finally:
+            self.stopper.close()
         if top1 is not None:
             self.tracker.summary(final_val_top1=top1, best_val_top1=self.best_top1)
             self.log(f"final val top-1: {top1:.2f}")
         return top1
 
 
-def main(argv=None) -> int:
-    trainer = None
+def parse_debug_signals(spec: str) -> set[tuple[int, int]]:
+    """training.debug_signal_at 'RANK:STEP,...' → {(rank, step)}."""
+    out = set()
+    for item in (i for i in spec.split(",") if i.strip()):
+        rank, sep, step = item.partition(":")
+        if not (sep and rank.strip().isdigit() and step.strip().isdigit()):
+            raise ConfigError(f"training.debug_signal_at '{spec}': expected RANK:STEP[,RANK:STEP...]")
+        out.add((int(rank), int(step)))
+    return out
+
+
+def train(argv=None) -> int:
+    cfg = load_config(train_config.SECTIONS, argv, prog="python -m rsb_ffcv.train", description=__doc__)
+    d = distributed.init(cfg["training.device"])
+    if d.is_main:
+        print("config:")
+        print_config(cfg)
+    trainer = Trainer(cfg, d)
+
+    def request_stop(signum, frame):
+        if trainer.stop_requested:  # a second signal: stop now
+            raise KeyboardInterrupt
+        trainer.stop_requested = True
+        print(f"signal {signum} on rank {d.rank}: the ranks finish the current step together, then save",
+              flush=True)
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
     try:
-        cfg = load_config(train_config.SECTIONS, argv, prog="python -m rsb_ffcv.train")
-        d = distributed.init(cfg["training.device"])
-        if d.is_main:
-            print("config:")
-            print_config(cfg)
-        trainer = Trainer(cfg, d)
-
-        def request_stop(signum, frame):
-            if trainer.stop_requested:  # a second signal: stop now
-                raise KeyboardInterrupt
-            trainer.stop_requested = True
-            trainer.log(f"signal {signum}: finishing the current step, then saving")
-
-        signal.signal(signal.SIGTERM, request_stop)
-        signal.signal(signal.SIGINT, request_stop)
         trainer.fit()
-        trainer.tracker.finish(0)
-        return 0
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (LossNotFinite, loaders.LoaderDied) as e:
-        print(f"error: {e}", file=sys.stderr)
-        if trainer is not None:
-            trainer.tracker.finish(1)
-        return 1
-    finally:
-        distributed.shutdown()
+    except BaseException:
+        trainer.tracker.finish(1)
+        raise
+    trainer.tracker.finish(0)
+    return 0
+
+
+def main(argv=None) -> int:
+    return cli.run(train, argv, cleanup=distributed.shutdown)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-command GPU validation on a CUDA machine without internet (see README, "Offline GPU clusters").
-#   scripts/gpu_check.sh BUNDLE_DIR [python -m rsb_ffcv.gpu_check options, e.g. --budget-s 420]
+#   scripts/gpu_check.sh BUNDLE_DIR [python -m rsb_ffcv.gpu_check options, e.g. --gpu_check.budget_s=420]
 # Run from the repository root. Needs: python3 (>= 3.11) with torch, torchvision, numba, opencv-python;
 # a C++ compiler and Python's headers (to build ffcv). Installs the bundle's packages into a temporary venv
 # that sees the system's site-packages (nothing is installed system-wide; no network is used), builds
@@ -52,4 +52,4 @@ echo "== building rsb_ffcv's region JPEG decoder (rsb_ffcv/_jpeg.c) against the 
 "$VPY" -c "import rsb_ffcv.crop_decoder; print('rsb_ffcv._jpeg imports')"
 echo "== setup took $(( $(date +%s) - t0 )) s =="
 export WANDB_MODE=disabled WANDB_SILENT=true
-PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}" "$VPY" -m rsb_ffcv.gpu_check --out-dir "$OUT_DIR" "$@"
+PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}" "$VPY" -m rsb_ffcv.gpu_check --gpu_check.out_dir="$OUT_DIR" "$@"

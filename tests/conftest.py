@@ -37,6 +37,16 @@ def run_cli(*args, cwd=ROOT, check=True, timeout=300):
     return proc
 
 
+def torchrun(*args, nproc=2, check=True, timeout=600):
+    """`torchrun --standalone --nproc_per_node=N -m ...` on the CPU (gloo)."""
+    exe = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    proc = subprocess.run([exe, "--standalone", f"--nproc_per_node={nproc}", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"torchrun {args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A 1 MiB tmpfs: writing more fails with 'no space left on device' (needs root)."""

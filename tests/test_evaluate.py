@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import timm
 import torch
+import wandb_records
 from conftest import ROOT, run_cli
 
-import wandb_records
 from rsb_ffcv import gradcam
 from rsb_ffcv.datasets.sources import imagenet_synsets, readable_names
 from rsb_ffcv.evaluate import real_accuracy

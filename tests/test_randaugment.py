@@ -4,11 +4,11 @@ import random
 import numpy as np
 import pytest
 import torch
+from conftest import natural_image
 from PIL import Image
 from scipy import stats
 from timm.data import auto_augment as aa
 
-from conftest import natural_image
 from rsb_ffcv.randaugment import FILL, OPS, RandAugment
 
 PIL_INTERP = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
@@ -172,3 +172,89 @@ def test_images_of_a_batch_draw_independently():
     assert len(np.unique(p["op"][:64, 0])) >= 10  # not one choice for the whole batch
     mags = p["magnitude"][:, 0].numpy()
     assert abs(np.corrcoef(mags[0::2], mags[1::2])[0, 1]) < 0.05
+
+
+class HostSyncs(torch.overrides.TorchFunctionMode):
+    """Counts, during a forward, the calls that make the host wait for the GPU on CUDA (reading a value:
+    item/tolist/cpu/numpy/bool, nonzero, boolean-mask indexing) and the copies of host data to the device
+    (torch.tensor(...), .to(device)): on the CPU twin of the GPU path they are calls like any other."""
+
+    READS = {"item", "tolist", "cpu", "numpy", "__bool__", "nonzero", "masked_select", "unique", "argwhere"}
+
+    def __init__(self):
+        super().__init__()
+        self.syncs, self.copies = [], []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", str(func))
+        if name in self.READS:
+            self.syncs.append(name)
+        elif name in ("__getitem__", "__setitem__", "index_put_", "index_put") and any(
+                isinstance(a, torch.Tensor) and a.dtype == torch.bool
+                for a in (args[1] if isinstance(args[1], tuple) else (args[1],))):
+            self.syncs.append(f"{name}[bool mask]")
+        elif name == "tensor" or (name == "to" and any(isinstance(a, (str, torch.device)) for a in
+                                                          (*args[1:], kwargs.get("device")))):
+            self.copies.append(name)
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "random"])
+def test_a_forward_waits_for_the_device_at_most_once_per_layer_and_never_writes_its_input(images, interpolation):
+    _, batch = images
+    batch = batch.repeat(8, 1, 1, 1)  # 64 images: every op kind is drawn
+    ra = RandAugment("rand-m9-mstd0.5-inc1", interpolation=interpolation)
+    ra(batch.clone(), generator=torch.Generator().manual_seed(0))  # constants are made once per device
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = batch.clone().contiguous(memory_format=layout)
+        before = x.clone()
+        with HostSyncs() as counted:
+            out = ra(x, generator=torch.Generator().manual_seed(1))
+        assert len(counted.syncs) <= ra.num_layers == 2, counted.syncs
+        assert counted.copies == [], counted.copies
+        assert torch.equal(x, before) and out.data_ptr() != x.data_ptr()  # the caller's batch is untouched
+        assert not torch.equal(out, before)
+
+
+def _geometric_params(n, bicubic):
+    return {"op": torch.full((n, 1), OPS.index("Rotate")), "applied": torch.ones(n, 1, dtype=torch.bool),
+            "magnitude": torch.full((n, 1), 7.0, dtype=torch.float64), "sign": torch.ones(n, 1, dtype=torch.float64),
+            "bicubic": bicubic.view(n, 1)}
+
+
+def test_random_interpolation_resamples_each_image_with_its_draw(images):
+    _, batch = images
+    n = batch.shape[0]
+    pick = torch.arange(n) % 3 == 0
+    got = RandAugment("rand-m9-n1-inc1", interpolation="random")(batch.clone(), params=_geometric_params(n, pick))
+    for interpolation, where in (("bicubic", pick), ("bilinear", ~pick)):
+        want = ours("Rotate", batch, 7.0, 1.0, interpolation)
+        assert np.array_equal(got.permute(0, 2, 3, 1).numpy()[where.numpy()], want[where.numpy()]), interpolation
+
+
+def test_random_interpolation_draws_like_timm():
+    """timm (train.py's default `random`): each geometric op call picks bilinear or bicubic at random."""
+    from unittest import mock
+    calls = []
+    transform = Image.Image.transform
+
+    def recording(img, size, method, data=None, *args, **kwargs):  # PIL's rotate calls transform too
+        calls.append(kwargs["resample"] if "resample" in kwargs else args[0])
+        return transform(img, size, method, data, *args, **kwargs)
+    tf = aa.rand_augment_transform("rand-m7-mstd0.5-inc1", {"img_mean": FILL})  # no interpolation: random
+    random.seed(0)
+    img = Image.new("RGB", (8, 8), (100, 120, 140))
+    with mock.patch.object(Image.Image, "transform", recording):
+        for _ in range(3000):
+            tf(img)
+    timm_bicubic = sum(c == Image.BICUBIC for c in calls)
+    assert set(calls) == {Image.BILINEAR, Image.BICUBIC}
+    ra = RandAugment("rand-m7-mstd0.5-inc1", interpolation="random")
+    p = ra.sample(3000, "cpu", torch.Generator().manual_seed(0))
+    geometric = torch.isin(p["op"], torch.tensor([OPS.index(n) for n in
+                                                  ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")]))
+    drawn = p["bicubic"][geometric & p["applied"]]
+    table = [[int(drawn.sum()), int((~drawn).sum())], [timm_bicubic, len(calls) - timm_bicubic]]
+    assert stats.chi2_contingency(table).pvalue > 1e-3, table
+    assert stats.binomtest(table[0][0], sum(table[0])).pvalue > 1e-3

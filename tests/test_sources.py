@@ -3,12 +3,17 @@ import json
 
 import numpy as np
 import pytest
+from conftest import make_folder, natural_image
 from torchvision.datasets import ImageFolder
 
-from conftest import make_folder, natural_image
 from rsb_ffcv.config import ConfigError
 from rsb_ffcv.datasets import demo
-from rsb_ffcv.datasets.sources import flat_val, image_folder, imagenet_v2, stratified_subset
+from rsb_ffcv.datasets.sources import (
+    flat_val,
+    image_folder,
+    imagenet_v2,
+    stratified_subset,
+)
 
 
 def test_imagefolder_matches_torchvision(tmp_path):

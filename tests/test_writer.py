@@ -9,9 +9,9 @@ import time
 
 import numpy as np
 import pytest
+from conftest import ROOT, natural_image, run_cli
 from PIL import Image
 
-from conftest import ROOT, natural_image, run_cli
 from rsb_ffcv.config import ConfigError
 from rsb_ffcv.datasets import writer as writer_mod
 from rsb_ffcv.datasets.images import load_rgb, to_rgb

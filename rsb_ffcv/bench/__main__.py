@@ -1,26 +1,39 @@
-"""`python -m rsb_ffcv.bench {loader,augment,train,writer,corpus} [options]` (each takes --help)."""
+"""`python -m rsb_ffcv.bench {loader,augment,train,writer,corpus} [--config F.yaml] [--section.key=value ...]`
+
+Each benchmark measures side by side in one run and saves JSON (machine, versions, settings, figures) and
+a PNG chart under bench.out_dir; `python -m rsb_ffcv.bench NAME --help` lists its keys."""
 import importlib
 import sys
+
+from .. import cli
 
 BENCHMARKS = {
     "loader": "training input pipelines: rsb_ffcv vs stock FFCV vs timm vs the JPEG-decode floor",
     "augment": "batched RandAugment (+ normalise + Mixup/CutMix) vs timm's PIL RandAugment",
-    "train": "end-to-end training images/s from betons vs synthetic device batches (data-stall fraction)",
+    "train": "end-to-end training images/s from betons vs synthetic device batches (data stall)",
     "writer": "write_datasets.py throughput",
     "corpus": "generate the ImageNet-shaped JPEG corpus the benchmarks share",
 }
 
 
-def main() -> int:
-    if len(sys.argv) < 2 or sys.argv[1] not in BENCHMARKS:
-        print(__doc__)
-        for name, what in BENCHMARKS.items():
-            print(f"  {name:8s} {what}")
+def usage() -> str:
+    return __doc__ + "\n\nbenchmarks:\n" + "\n".join(f"  {name:8s} {what}" for name, what in BENCHMARKS.items())
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    if argv[0] not in BENCHMARKS:
+        cli.error(f"unknown benchmark '{argv[0]}': choose one of {', '.join(BENCHMARKS)}")
         return 2
-    name = sys.argv[1]
-    sys.argv = [f"python -m rsb_ffcv.bench {name}", *sys.argv[2:]]
-    importlib.import_module(f"rsb_ffcv.bench.{name}").main()
-    return 0
+    module = importlib.import_module(f"rsb_ffcv.bench.{argv[0]}")
+
+    def benchmark(args) -> int:
+        module.main(args)  # returns the result dict, also saved as JSON
+        return 0
+    return cli.run(benchmark, argv[1:])
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""RandAugment throughput: `python -m rsb_ffcv.bench augment [--batch 256] [--sizes 160 224]`.
+"""RandAugment throughput: `python -m rsb_ffcv.bench augment [--bench_augment.batch=256] [--bench_augment.sizes=160,224]`.
 
 Batched rsb_ffcv RandAugment (and the whole device transform: RandAugment + normalisation + Mixup/CutMix)
 on the available device vs timm's PIL RandAugment image by image on one CPU core, on the same
@@ -7,18 +7,28 @@ a bar chart.
 """
 from __future__ import annotations
 
-import argparse
+from pathlib import Path
 
 import numpy as np
 import torch
+from fastargs import Param, Section
 from PIL import Image
 from timm.data.auto_augment import rand_augment_transform
 from timm.data.transforms import str_to_pil_interp
 
 from ..augment import TrainAugment
+from ..config import ConfigError, load_config
 from ..randaugment import FILL, RandAugment
 from .common import describe, machine, pick_device, save, timed
 from .corpus import make_photo
+
+Section("bench_augment", "the RandAugment benchmark").params(
+    config=Param(str, "timm RandAugment string", default="rand-m6-mstd0.5-inc1"),
+    sizes=Param(str, "comma-separated image sizes", default="160,224"),
+    batch=Param(int, "batch size", default=256),
+    timm_images=Param(int, "images timed through timm's PIL path", default=64),
+)
+SECTIONS = ("bench", "bench_augment")
 
 
 def batch_of(size: int, n: int) -> torch.Tensor:
@@ -51,27 +61,24 @@ def run(config: str, sizes, batch: int, device: torch.device, timm_images: int) 
     return rows
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--config", default="rand-m6-mstd0.5-inc1")
-    ap.add_argument("--sizes", type=int, nargs="+", default=[160, 224])
-    ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--timm-images", type=int, default=64, help="images timed through timm's PIL path")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--out", default="bench_out/augment.json")
-    a = ap.parse_args()
-    device = pick_device(a.device)
+def main(argv=None):
+    cfg = load_config(SECTIONS, argv, prog="python -m rsb_ffcv.bench augment", description=__doc__)
+    try:
+        sizes = [int(v) for v in cfg["bench_augment.sizes"].split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"bench_augment.sizes '{cfg['bench_augment.sizes']}': expected sizes like 160,224") from None
+    config, batch = cfg["bench_augment.config"], cfg["bench_augment.batch"]
+    device = pick_device(cfg["bench.device"])
     info = machine(device)
     print(f"device: {describe(info)}, torch threads {torch.get_num_threads()}")
-    rows = run(a.config, a.sizes, a.batch, device, a.timm_images)
-    result = {"benchmark": "augment", "config": a.config, "machine": info, "results": rows}
+    rows = run(config, sizes, batch, device, cfg["bench_augment.timm_images"])
+    result = {"benchmark": "augment", "config": config, "machine": info, "results": rows}
     bars = {}
     for r in rows:
         bars[f"{r['size']}px rsb_ffcv batched"] = r["ours_images_per_s"]
         bars[f"{r['size']}px + normalise + Mixup/CutMix"] = r["ours_full_device_transform_images_per_s"]
         bars[f"{r['size']}px timm PIL, 1 core"] = r["timm_pil_one_core_images_per_s"]
-    save(result, a.out, bars, f"RandAugment {a.config}, batch {a.batch} ({describe(info)})", log_scale=True)
+    save(result, Path(cfg["bench.out_dir"]) / "augment.json", bars,
+         f"RandAugment {config}, batch {batch} ({describe(info)})", log_scale=True)
+    return result
 
-
-if __name__ == "__main__":
-    main()

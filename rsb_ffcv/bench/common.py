@@ -4,13 +4,25 @@ from __future__ import annotations
 import datetime as dt
 import importlib.metadata as md
 import platform
+import textwrap
 import time
 from pathlib import Path
 
 import torch
+from fastargs import Param, Section
 
+from ..config import Choice
 from ..datasets.images import available_cpus
-from ..tracking import save_json
+from ..files import save_figure, save_json
+
+Section("bench", "shared by every benchmark").params(
+    corpus=Param(str, "the generated ImageNet-shaped JPEG corpus: a folder the benchmarks own (created, reused; a "
+                      "non-empty folder they did not create is refused)", default="bench_out/corpus"),
+    n=Param(int, "corpus images used", default=2000),
+    out_dir=Param(str, "where the JSON results and PNG charts go", default="bench_out"),
+    device=Param(Choice(["auto", "cuda", "cpu"]), "auto: cuda when available", default="auto"),
+    cores=Param(int, "CPU cores for loading and writing (0 = all available)", default=0),
+)
 
 
 def pick_device(name: str) -> torch.device:
@@ -85,11 +97,9 @@ def save(result: dict, out: str | Path, bars: dict[str, float], title: str, unit
     if log_scale:
         ax.set_xscale("log")
     ax.set_xlabel(unit)
-    ax.set_title(title, fontsize=9)
+    ax.set_title("\n".join(textwrap.wrap(title, 90)), fontsize=9)  # wrapped: a long title is not cut off
     ax.margins(x=0.15)
     fig.tight_layout()
-    png = out.with_suffix(".png")
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
+    png = save_figure(fig, out.with_suffix(".png"), dpi=120)
     print(f"saved {out} and {png.name}")
     return png

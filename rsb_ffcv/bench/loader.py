@@ -1,4 +1,4 @@
-"""Training input pipelines side by side: `python -m rsb_ffcv.bench loader [--n 2000] [--res 160]`.
+"""Training input pipelines side by side: `python -m rsb_ffcv.bench loader [--bench.n=2000] [--bench_loader.res=160]`.
 
 All rows read the same ImageNet-shaped JPEG corpus on the same cores, in one run, in rounds (every
 pipeline once per round, back to back; ratios are taken within a round, then the median over rounds):
@@ -16,7 +16,6 @@ A last row uses ffcv-imagenet's usual beton (half the images stored raw), which 
 """
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -24,20 +23,27 @@ from pathlib import Path
 import numpy as np
 import psutil
 import torch
+from fastargs import Param, Section
 from ffcv.fields.rgb_image import IMAGE_MODES, SimpleRGBImageDecoder
 from ffcv.libffcv import imdecode
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
 from numba import get_num_threads
 
-from ..datasets.sources import image_folder
-from ..datasets.writer import WriteOptions, write_beton
+from ..config import load_config
 from ..loaders import epoch, train_loader
 from ..randaugment import RandAugment
 from .common import describe, machine, save
-from .corpus import generate
+from .corpus import corpus_beton, generate
 
 RAND_AUGMENT = "rand-m6-mstd0.5-inc1"  # A3's
+Section("bench_loader", "the loader benchmark (A3 settings)").params(
+    res=Param(int, "RandomResizedCrop output size", default=160),
+    batch=Param(int, "batch size", default=128),
+    epochs=Param(int, "timed epochs per pipeline and round", default=1),
+    rounds=Param(int, "rounds (every pipeline once per round; medians over rounds)", default=5),
+)
+SECTIONS = ("bench", "bench_loader")
 
 
 class DecodeOnly(SimpleRGBImageDecoder):
@@ -121,40 +127,31 @@ def timed_epochs(batches, epochs: int, augment=None) -> tuple[float, float]:
     return n / (time.perf_counter() - t0), n / (cpu_seconds() - c0)
 
 
-def timm_loader(corpus: str, res: int, batch: int, cores: int, rand_augment: bool):
+def timm_loader(corpus: str, n: int, res: int, batch: int, cores: int, rand_augment: bool):
+    """timm's A3 input pipeline on the first n corpus images (the betons hold the same ones)."""
     from timm.data import create_transform
     from torchvision.datasets import ImageFolder
     tf = create_transform(res, is_training=True, auto_augment=RAND_AUGMENT if rand_augment else None,
                           interpolation="bicubic", color_jitter=None)
-    return torch.utils.data.DataLoader(ImageFolder(corpus, transform=tf), batch_size=batch, shuffle=True,
-                                       num_workers=cores, persistent_workers=True, drop_last=True)
+    folder = ImageFolder(corpus, transform=tf, is_valid_file=lambda f: f.endswith(".JPEG") and int(Path(f).stem[3:]) < n)
+    return torch.utils.data.DataLoader(folder, batch_size=batch, shuffle=True, num_workers=cores,
+                                       persistent_workers=True, drop_last=True)
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=2000, help="corpus images")
-    ap.add_argument("--corpus", default="bench_out/corpus", help="generated once, reused")
-    ap.add_argument("--res", type=int, default=160)
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--epochs", type=int, default=1, help="timed epochs per row and round")
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--cores", type=int, default=0, help="0 = all available")
-    ap.add_argument("--out", default="bench_out/loader.json")
-    a = ap.parse_args(argv)
+    cfg = load_config(SECTIONS, argv, prog="python -m rsb_ffcv.bench loader", description=__doc__)
+    res, batch, rounds_n = cfg["bench_loader.res"], cfg["bench_loader.batch"], cfg["bench_loader.rounds"]
     info = machine()
-    cores = a.cores or info["cores"]
+    cores = cfg["bench.cores"] or info["cores"]
     torch.set_num_threads(cores)
-    corpus = generate(a.corpus, a.n)
-    print(f"corpus {a.corpus}: {corpus}; {describe(info)}; {cores} cores for every pipeline")
-    betons = {}
-    for mode in ("jpg", "proportion"):
-        betons[mode] = str(Path(a.corpus).parent / f"corpus_{a.n}_{mode}.beton")
-        if not Path(betons[mode]).exists():
-            write_beton(image_folder(a.corpus), betons[mode], WriteOptions(write_mode=mode, num_workers=cores))
+    corpus_dir, n = cfg["bench.corpus"], cfg["bench.n"]
+    corpus = generate(corpus_dir, n)
+    print(f"corpus {corpus_dir}: {corpus}; {describe(info)}; {cores} cores for every pipeline")
+    betons = {mode: corpus_beton(corpus_dir, n, mode, cores) for mode in ("jpg", "proportion")}
 
-    ffcv = ffcv_rows(betons["jpg"], betons["proportion"], a.res, a.batch, cores)
-    timm = {"timm A3 (RandAugment)": timm_loader(a.corpus, a.res, a.batch, cores, True),
-            "timm without RandAugment": timm_loader(a.corpus, a.res, a.batch, cores, False)}
+    ffcv = ffcv_rows(betons["jpg"], betons["proportion"], res, batch, cores)
+    timm = {"timm A3 (RandAugment)": timm_loader(corpus_dir, n, res, batch, cores, True),
+            "timm without RandAugment": timm_loader(corpus_dir, n, res, batch, cores, False)}
     runs = {name: (lambda loader=loader: epoch(loader, cores), augment) for name, (loader, augment) in ffcv.items()}
     runs.update({name: (lambda loader=loader: loader, None) for name, loader in timm.items()})
     print("warming up (numba compilation, worker start)...")
@@ -163,9 +160,9 @@ def main(argv=None):
 
     rounds = {name: [] for name in runs}
     cpu_rounds = {name: [] for name in runs}
-    for r in range(a.rounds):
+    for r in range(rounds_n):
         for name, (batches, augment) in runs.items():
-            wall, cpu = timed_epochs(batches, a.epochs, augment)
+            wall, cpu = timed_epochs(batches, cfg["bench_loader.epochs"], augment)
             rounds[name].append(wall)
             cpu_rounds[name].append(cpu)
             print(f"round {r + 1} {name:42s} {wall:8,.0f} img/s  {cpu:7,.0f} img per CPU-s", flush=True)
@@ -195,15 +192,13 @@ def main(argv=None):
         print(f"{name:44s} {ratios[name]:5.2f}x {cpu_ratios[name]:5.2f}x   "
               + ", ".join(f"{r:.2f}" for r in per_round[name]))
     result = {"benchmark": "loader", "machine": info, "cores_used": cores,
-              "settings": {"resolution": a.res, "batch": a.batch, "epochs_per_round": a.epochs, "rounds": a.rounds,
+              "settings": {"resolution": res, "batch": batch, "epochs_per_round": cfg["bench_loader.epochs"],
+                           "rounds": rounds_n,
                            "rand_augment": RAND_AUGMENT, "interpolation": "bicubic", "corpus": corpus},
               "images_per_s_median": med, "images_per_cpu_s_median": cpu_med, "ratios_median": ratios,
               "ratios_cpu_median": cpu_ratios, "rounds": rounds, "cpu_rounds": cpu_rounds,
               "ratios_per_round": per_round, "ratios_cpu_per_round": cpu_per_round}
-    save(result, a.out, med,
-         f"Training input pipeline at {a.res} px, {cores} cores of {info['cpu']} (median of rounds)")
+    save(result, Path(cfg["bench.out_dir"]) / "loader.json", med,
+         f"Training input pipeline at {res} px, {cores} cores of {info['cpu']} (median of rounds)")
     return result
 
-
-if __name__ == "__main__":
-    main()

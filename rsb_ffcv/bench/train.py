@@ -1,112 +1,156 @@
-"""End-to-end training throughput and data stall: `python -m rsb_ffcv.bench train [--config rsb_configs/a3.yaml]`.
+"""End-to-end training throughput and data stall: `python -m rsb_ffcv.bench train [--bench_train.config=rsb_configs/a3.yaml]`.
 
 The trainer's own step (device RandAugment + normalise + Mixup/CutMix, forward/backward under the
-configured precision, optimizer) runs `--steps` times fed by the trainer's FFCV loader from a beton of the
-ImageNet-shaped corpus, then `--steps` times on one device-resident batch of the same shape (synthetic:
-no loading at all). data-stall fraction = 1 - real / synthetic. GPU when present; on a CPU the default is a
-small model at a lower resolution (a ResNet-50 step takes seconds there).
+configured precision, optimizer) runs fed by the trainer's FFCV loader from a beton of the ImageNet-shaped
+corpus (real), and on one device-resident batch of the same shape (synthetic: no loading at all), in the
+order synthetic, real, synthetic (the faster synthetic counts: machines drift). Timing happens inside
+epochs: each epoch's first 3 batches (the loader starting up) run untimed, as they are a one-off per epoch
+that a 1.28M-image ImageNet epoch amortises. data stall = (synthetic rate - real rate) / synthetic rate;
+data wait = the share of the timed real steps the main thread spent waiting for the next batch. GPU when
+present; on a CPU the default is a small model at a lower resolution (a ResNet-50 step takes seconds there).
 """
 from __future__ import annotations
 
-import argparse
+import itertools
+import shlex
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from fastargs import Param, Section
 
 from .. import distributed, loaders, train_config
-from ..config import load_config
-from ..datasets.sources import image_folder
-from ..datasets.writer import WriteOptions, write_beton
+from ..config import ConfigError, load_config
 from ..train import Trainer
 from .common import describe, machine, save, sync
-from .corpus import generate
+from .corpus import corpus_beton, generate
+
+WARMUP_BATCHES = 3
+Section("bench_train", "the end-to-end training benchmark").params(
+    config=Param(str, "trainer YAML", default="rsb_configs/a3.yaml"),
+    arch=Param(str, "model ('' = the config's on a GPU, resnet18 on a CPU)", default=""),
+    res=Param(int, "training resolution (0 = the config's on a GPU, 112 on a CPU)", default=0),
+    batch=Param(int, "per-device batch (0 = 256 on a GPU, 32 on a CPU)", default=0),
+    accum=Param(int, "micro-batches per optimizer step (A1/A2 on one GPU: 3 or more, for repeated augmentation)",
+                default=1),
+    steps=Param(int, "timed micro-batches per measurement (0 = 50 on a GPU, 8 on a CPU)", default=0),
+    trainer_args=Param(str, "more trainer overrides, space-separated --section.key=value", default=""),
+    name=Param(str, "results go to bench.out_dir/NAME.json and NAME.png", default="train"),
+)
+SECTIONS = ("bench", "bench_train")
 
 
-def run_steps(trainer: Trainer, batches, steps: int) -> float:
-    """images/s over `steps` optimizer steps drawn from the iterator `batches` (after 3 warm-up steps)."""
+def timed_steps(trainer: Trainer, epochs, steps: int) -> dict:
+    """Micro-batches (an optimizer step after every `trainer.accum` of them) on the batches of `epochs()` (a
+    fresh iterator per epoch) until `steps` timed ones are done; the clock runs only inside epochs, after
+    each epoch's first WARMUP_BATCHES."""
     device = trainer.device
-    n = 0
-    for i in range(steps + 3):
-        if i == 3:
+    timed, images, seconds, wait = 0, 0, 0.0, 0.0
+    while timed < steps:
+        it, t0, before = epochs(), None, timed
+        try:
+            for i in itertools.count():
+                if i == WARMUP_BATCHES:
+                    sync(device)
+                    t0 = time.perf_counter()
+                if t0 is not None and timed == steps:
+                    break
+                w0 = time.perf_counter()
+                batch = next(it, None)
+                if batch is None:
+                    break
+                if t0 is not None:
+                    wait += time.perf_counter() - w0
+                last_micro = (i + 1) % trainer.accum == 0
+                trainer.forward_backward(*batch, sync_grads=last_micro)
+                if last_micro:
+                    trainer.optimizer_step()
+                if t0 is not None:
+                    timed, images = timed + 1, images + len(batch[0])
+        finally:
+            if hasattr(it, "close"):
+                it.close()
+        if t0 is not None:
             sync(device)
-            t0 = time.perf_counter()
-        images, labels = next(batches)
-        trainer.forward_backward(images, labels)
-        trainer.optimizer_step()
-        n += len(images) if i >= 3 else 0
-    sync(device)
-    return n / (time.perf_counter() - t0)
+            seconds += time.perf_counter() - t0
+        if timed == before:
+            raise ConfigError(f"an epoch of {i} batches holds no more than the {WARMUP_BATCHES} warm-up batches: "
+                              f"use a larger corpus (bench.n) or a smaller batch")
+    return {"images_per_s": images / seconds, "data_wait_fraction": wait / seconds, "steps": timed}
 
 
-def real_batches(trainer: Trainer):
-    while True:  # epochs back to back, as in training
-        yield from loaders.epoch(trainer.train_loader, trainer.compute_threads)
+def measure(trainer: Trainer, steps: int) -> dict:
+    trainer.train_model.train()
+    it = loaders.epoch(trainer.train_loader, trainer.compute_threads)
+    fixed = tuple(t.clone() for t in next(it))  # FFCV reuses its buffers: keep a copy
+    it.close()
+
+    def synthetic_epochs():
+        return iter([fixed] * (WARMUP_BATCHES + steps))
+
+    def real_epochs():
+        return loaders.epoch(trainer.train_loader, trainer.compute_threads)
+
+    synthetic = timed_steps(trainer, synthetic_epochs, steps)
+    real = timed_steps(trainer, real_epochs, steps)
+    synthetic2 = timed_steps(trainer, synthetic_epochs, steps)  # bracket real: machines drift
+    synth_rate = max(synthetic["images_per_s"], synthetic2["images_per_s"])
+    return {"real_images_per_s": real["images_per_s"], "synthetic_images_per_s": synth_rate,
+            "data_stall_fraction": max(0.0, (synth_rate - real["images_per_s"]) / synth_rate),
+            "data_wait_fraction": real["data_wait_fraction"], "timed_steps": real["steps"]}
+
+
+def run(config: str, beton: str, device: str, batch: int, steps: int, overrides=(), accum: int = 1) -> dict:
+    """Build the trainer from `config` + `overrides` on `beton` (per-device batch `batch`, `accum`
+    micro-batches per step: the virtual-rank data order of `accum` GPUs), measure; figures and settings."""
+    d = distributed.init(device, key="bench.device")
+    with tempfile.TemporaryDirectory() as run_dir:
+        cfg = load_config(train_config.SECTIONS, [
+            "--config", config, f"--data.train_dataset={beton}", f"--data.val_dataset={beton}",
+            f"--training.batch_size={batch * accum * d.world}", f"--training.max_device_batch={batch}",
+            "--logging.wandb_mode=disabled", f"--logging.run_dir={run_dir}", "--resolution.progressive_start=0",
+            *overrides], prog="bench train")
+        trainer = Trainer(cfg, d)
+        if d.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(d.device)
+        figures = measure(trainer, steps)
+        trainer.tracker.finish(0)
+    if d.device.type == "cuda":
+        figures["gpu_max_memory_gib"] = torch.cuda.max_memory_allocated(d.device) / 2**30
+    settings = {"config": config, "arch": cfg["model.arch"], "resolution": cfg["resolution.train"], "batch": batch,
+                "accumulation": trainer.accum, "repeated_aug": cfg["training.repeated_aug"], "steps": steps,
+                "precision": trainer.precision.name, "compile": cfg["model.compile"],
+                "channels_last": cfg["model.channels_last"], "rand_augment": cfg["augment.rand_augment"],
+                "decoder": cfg["data.decoder"], "loader_workers": cfg["data.num_workers"] or trainer.compute_threads}
+    return {**figures, "settings": settings}
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="rsb_configs/a3.yaml")
-    ap.add_argument("--n", type=int, default=2000, help="corpus images (more than steps x batch is not needed)")
-    ap.add_argument("--corpus", default="bench_out/corpus")
-    ap.add_argument("--arch", default="", help="default: the config's on a GPU, resnet18 on a CPU")
-    ap.add_argument("--res", type=int, default=0, help="default: the config's train resolution (112 on a CPU)")
-    ap.add_argument("--batch", type=int, default=0, help="per-device batch; default 256 on a GPU, 32 on a CPU")
-    ap.add_argument("--steps", type=int, default=0, help="timed steps; default 50 on a GPU, 8 on a CPU")
-    ap.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    ap.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE", help="extra trainer overrides")
-    ap.add_argument("--out", default="bench_out/train.json")
-    a = ap.parse_args(argv)
-    d = distributed.init(a.device)
-    gpu = d.device.type == "cuda"
-    info = machine(d.device)
-    corpus = generate(a.corpus, a.n)
-    beton = Path(a.corpus).parent / f"corpus_{a.n}_proportion.beton"  # ffcv-imagenet's beton settings
-    if not beton.exists():
-        write_beton(image_folder(a.corpus), beton, WriteOptions(num_workers=info["cores"]))
-    batch, steps = a.batch or (256 if gpu else 32), a.steps or (50 if gpu else 8)
-    with tempfile.TemporaryDirectory() as run_dir:
-        overrides = ["--config", a.config, f"--data.train_dataset={beton}", f"--data.val_dataset={beton}",
-                     f"--training.batch_size={batch}", "--training.max_device_batch=0",
-                     "--logging.wandb_mode=disabled", f"--logging.run_dir={run_dir}", "--resolution.progressive_start=0"]
-        if a.arch or not gpu:
-            overrides.append(f"--model.arch={a.arch or 'resnet18'}")
-        if a.res or not gpu:
-            overrides.append(f"--resolution.train={a.res or 112}")
-        cfg = load_config(train_config.SECTIONS, [*overrides, *(f"--{s}" for s in a.set)], prog="bench train")
-        trainer = Trainer(cfg, d)
-        trainer.train_model.train()
-        res = cfg["resolution.train"]
-        print(f"{describe(info)}: {cfg['model.arch']} at {res} px, batch {batch}, {trainer.precision.name}, "
-              f"channels_last={cfg['model.channels_last']}, compile={cfg['model.compile']}, {steps} steps")
-        if gpu:
-            torch.cuda.reset_peak_memory_stats(d.device)
-        real_it = real_batches(trainer)
-        fixed = tuple(t.clone() for t in next(real_it))  # FFCV reuses its buffers: keep a copy
-        synthetic = run_steps(trainer, iter(lambda: fixed, None), steps)
-        real = run_steps(trainer, real_it, steps)
-        synthetic2 = run_steps(trainer, iter(lambda: fixed, None), steps)  # bracket real: machines drift
-        trainer.tracker.finish(0)
-    synthetic = max(synthetic, synthetic2)
-    stall = max(0.0, 1 - real / synthetic)
-    figures = {"real_images_per_s": real, "synthetic_images_per_s": synthetic, "data_stall_fraction": stall}
-    if gpu:
-        figures["gpu_max_memory_gib"] = torch.cuda.max_memory_allocated(d.device) / 2**30
-    print(f"from betons {real:,.0f} img/s, synthetic {synthetic:,.0f} img/s, data stall {100 * stall:.1f}%")
-    result = {"benchmark": "train", "machine": info,
-              "settings": {"config": a.config, "arch": cfg["model.arch"], "resolution": res, "batch": batch,
-                           "steps": steps, "precision": trainer.precision.name, "compile": cfg["model.compile"],
-                           "channels_last": cfg["model.channels_last"], "rand_augment": cfg["augment.rand_augment"],
-                           "decoder": cfg["data.decoder"], "loader_workers": cfg["data.num_workers"] or
-                           trainer.compute_threads, "corpus": corpus},
-              **figures}
-    save(result, a.out, {"from betons (FFCV)": real, "synthetic device batches": synthetic},
-         f"Training {cfg['model.arch']} at {res} px, batch {batch} ({describe(info)}): "
-         f"data stall {100 * stall:.1f}%")
+    cfg = load_config(SECTIONS, argv, prog="python -m rsb_ffcv.bench train", description=__doc__)
+    device = cfg["bench.device"]
+    gpu = (device == "cuda") or (device == "auto" and torch.cuda.is_available())
+    info = machine(torch.device("cuda" if gpu else "cpu"))
+    corpus = generate(cfg["bench.corpus"], cfg["bench.n"], workers=cfg["bench.cores"])
+    beton = corpus_beton(cfg["bench.corpus"], cfg["bench.n"], "proportion", cfg["bench.cores"])  # ffcv-imagenet's
+    batch = cfg["bench_train.batch"] or (256 if gpu else 32)
+    steps = cfg["bench_train.steps"] or (50 if gpu else 8)
+    overrides = shlex.split(cfg["bench_train.trainer_args"])
+    if cfg["bench_train.arch"] or not gpu:
+        overrides.append(f"--model.arch={cfg['bench_train.arch'] or 'resnet18'}")
+    if cfg["bench_train.res"] or not gpu:
+        overrides.append(f"--resolution.train={cfg['bench_train.res'] or 112}")
+    result = run(cfg["bench_train.config"], beton, device, batch, steps, overrides, cfg["bench_train.accum"])
+    s = result["settings"]
+    print(f"{describe(info)}: {s['arch']} at {s['resolution']} px, batch {batch}, {s['precision']}, "
+          f"channels_last={s['channels_last']}, compile={s['compile']}: from betons "
+          f"{result['real_images_per_s']:,.0f} img/s, synthetic {result['synthetic_images_per_s']:,.0f} img/s, "
+          f"data stall {100 * result['data_stall_fraction']:.1f}%, main-thread data wait "
+          f"{100 * result['data_wait_fraction']:.1f}%")
+    result = {"benchmark": "train", "machine": info, "corpus": corpus, **result}
+    save(result, Path(cfg["bench.out_dir"]) / f"{cfg['bench_train.name']}.json",
+         {"from betons (FFCV)": result["real_images_per_s"], "synthetic device batches": result["synthetic_images_per_s"]},
+         f"Training {s['arch']} at {s['resolution']} px, batch {batch} ({describe(info)}): data stall "
+         f"{100 * result['data_stall_fraction']:.1f}%")
     distributed.shutdown()
     return result
-
-
-if __name__ == "__main__":
-    main()

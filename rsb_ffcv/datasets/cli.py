@@ -9,15 +9,15 @@ import sys
 from pathlib import Path
 
 from fastargs import Param, Section
-from fastargs.validation import OneOf
 
-from ..config import BoolStr, ConfigError, load_config, print_config
+from ..config import BoolStr, Choice, ConfigError, load_config, print_config
 from . import demo as demo_data
+from .betons import sidecar_path
 from .sources import flat_val, image_folder, imagenet_v2, stratified_subset
-from .writer import WriteError, WriteOptions, sidecar_path, summary_line, write_beton
+from .writer import WriteError, WriteOptions, summary_line, write_beton
 
 Section("source", "where the images come from").params(
-    kind=Param(OneOf(["demo", "imagefolder", "flatval", "v2"]),
+    kind=Param(Choice(["demo", "imagefolder", "flatval", "v2"]),
                "demo (bundled, generated) | imagefolder (root/<class>/<img>) | flatval (flat ImageNet val + "
                "labels_file) | v2 (ImageNet-V2: root/<class index>/<img>)", default="demo"),
     root=Param(str, "image directory (imagefolder, flatval, v2)", default=""),
@@ -36,11 +36,11 @@ Section("writer", "how the beton is written").params(
     max_resolution=Param(int, "resize so the longer side is at most this (0: keep)", default=500),
     jpeg_quality=Param(int, "JPEG quality for compressed records", default=90),
     compress_probability=Param(float, "share of records stored as JPEG (write_mode=proportion)", default=0.5),
-    write_mode=Param(OneOf(["raw", "jpg", "smart", "proportion"]), "FFCV RGBImageField write mode",
+    write_mode=Param(Choice(["raw", "jpg", "smart", "proportion"]), "FFCV RGBImageField write mode",
                      default="proportion"),
     num_workers=Param(int, "writer processes; 0 = all available cores", default=0),
     chunk_size=Param(int, "images per work item", default=100),
-    on_error=Param(OneOf(["fail", "skip"]), "unreadable images: fail (write nothing, list them) or skip",
+    on_error=Param(Choice(["fail", "skip"]), "unreadable images: fail (write nothing, list them) or skip",
                    default="fail"),
     overwrite=Param(BoolStr(), "replace an existing output", default=False),
     verify=Param(BoolStr(), "read every record back through an FFCV Loader after writing", default=False),

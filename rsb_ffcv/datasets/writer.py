@@ -17,18 +17,19 @@ import queue
 import signal
 import threading
 import time
-from dataclasses import dataclass, asdict
+from dataclasses import asdict, dataclass
 from multiprocessing import Process, Queue, Value
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from ffcv.fields import IntField, RGBImageField
 from ffcv.memory_allocator import MemoryAllocator
 from ffcv.writer import DatasetWriter
+from PIL import Image
 from tqdm import tqdm
 
 from ..config import ConfigError
+from .betons import sidecar_path
 from .images import available_cpus, load_rgb, validate_images
 from .sources import Source
 
@@ -165,10 +166,6 @@ def _versions() -> dict:
         except md.PackageNotFoundError:
             pass
     return out
-
-
-def sidecar_path(beton: str | os.PathLike) -> Path:
-    return Path(beton).with_suffix(".json")
 
 
 def format_bad(bad: dict[str, str]) -> str:

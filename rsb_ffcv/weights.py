@@ -1,4 +1,4 @@
-"""Trained models for evaluation and Grad-CAM, from any of the places users keep them.
+"""Trained weights for evaluation and Grad-CAM, from any of the places users keep them.
 
 A model spec is `[NAME=]SOURCE`, SOURCE one of
 - a checkpoint of ours (`runs/a3/best.pt`): architecture and class list come with it;
@@ -6,6 +6,8 @@ A model spec is `[NAME=]SOURCE`, SOURCE one of
 - `timm:ARCH:WEIGHTS`: a timm-format state dict (.pth/.bin/.safetensors) for timm model ARCH, e.g. the
   RSB weights `timm:resnet50:resnet50_a1_0-14fe96d1.pth`; `timm:ARCH` alone fetches timm's pretrained
   weights (needs the network). 1000-output models take ImageNet-1k's class order.
+Files are read without running code (rsb_ffcv.checkpoint.load_file: weights_only, or safetensors); a
+file that needs more is refused unless the tool's `trust_pickles` flag trusts it.
 """
 from __future__ import annotations
 
@@ -28,21 +30,22 @@ class LoadedModel:
     source: str
 
 
-def _state_dict_file(path: Path) -> dict:
+def _state_dict_file(path: Path, trust: bool, trust_flag: str) -> dict:
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
-        return load_file(str(path))
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise ConfigError(f"weights '{path}' cannot be read ({e})") from None
-    if isinstance(sd, dict) and "model" in sd and "arch" in sd:
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ConfigError(f"weights '{path}' cannot be read as safetensors ({e})") from None
+    sd = checkpoint.load_file(path, trust, trust_flag, what="weights")
+    if checkpoint.is_ours(sd):
         raise ConfigError(f"'{path}' is an rsb_ffcv checkpoint: give its path without 'timm:ARCH:'")
     for key in ("state_dict", "model", "state_dict_ema"):  # common wrappers around a state dict
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
-    if not isinstance(sd, dict):
-        raise ConfigError(f"weights '{path}' hold no state dict")
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ConfigError(f"weights '{path}' hold no state dict (a mapping of names to tensors)")
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
@@ -77,8 +80,10 @@ def parse_spec(spec: str) -> tuple[str, str]:
     return name, source
 
 
-def load_model(spec: str, device: torch.device, use_ema: bool = False) -> LoadedModel:
-    """Build the model in eval mode, channels-last, on `device`."""
+def load_model(spec: str, device: torch.device, use_ema: bool = False, trust: bool = False,
+               trust_flag: str = "eval.trust_pickles") -> LoadedModel:
+    """Build the model in eval mode, channels-last, on `device`. `trust`: load pickles that need more than
+    tensors (the user set `trust_flag`)."""
     name, source = parse_spec(spec)
     if source.startswith("timm:"):
         arch, _, weights = source[len("timm:"):].partition(":")
@@ -87,7 +92,7 @@ def load_model(spec: str, device: torch.device, use_ema: bool = False) -> Loaded
             if not path.is_file():
                 raise ConfigError(f"model '{name}': weights file '{weights}' not found")
             model = _timm_model(arch, pretrained=False)
-            _load_weights(model, _state_dict_file(path), f"model '{name}': weights '{weights}'")
+            _load_weights(model, _state_dict_file(path, trust, trust_flag), f"model '{name}': weights '{weights}'")
         else:
             try:
                 model = _timm_model(arch, pretrained=True)
@@ -100,13 +105,13 @@ def load_model(spec: str, device: torch.device, use_ema: bool = False) -> Loaded
         classes = imagenet_synsets() if n == 1000 else [str(i) for i in range(n)]
     else:
         if source.startswith("wandb:"):
-            path = checkpoint.resolve_resume(source, Path("."))
+            path = checkpoint.resolve_resume(source, Path("."), key=f"model '{name}'")
         else:
             path = Path(source)
             if not path.is_file():
                 raise ConfigError(f"model '{name}': checkpoint '{source}' not found")
-        ck = checkpoint.load(path)
-        if not (isinstance(ck, dict) and "model" in ck and "arch" in ck):
+        ck = checkpoint.load(path, trust, trust_flag)
+        if not checkpoint.is_ours(ck):
             raise ConfigError(f"model '{name}': '{source}' is not an rsb_ffcv checkpoint; for a timm-format "
                               f"state dict write timm:ARCH:{source}")
         classes = ck["classes"]
