@@ -36,6 +36,21 @@ def save_atomic(state: dict, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
+def check_free_space(run_dir: Path, bytes_per_checkpoint: int, copies: int = 2) -> None:
+    """Refuse to start a run whose directory cannot hold `copies` checkpoints (last.pt and best.pt), instead
+    of failing at the end of the first epoch. ConfigError (one line) otherwise."""
+    import shutil
+    where = Path(run_dir).resolve()
+    while not where.exists():
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    need = copies * bytes_per_checkpoint
+    if free < need:
+        raise ConfigError(f"logging.run_dir '{run_dir}': {free / 2**20:,.0f} MiB free on its disk, but the run keeps "
+                          f"{copies} checkpoints of about {bytes_per_checkpoint / 2**20:,.0f} MiB each (last.pt, "
+                          f"best.pt): free space or choose another run_dir")
+
+
 def rng_state() -> dict:
     """RNG states as tensors and plain values, so that weights_only loading reads them."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()

@@ -58,8 +58,8 @@ def run(main, argv=None, cleanup=None) -> int:
     except ConfigError as e:
         error(str(e))
         return 2
-    except KeyboardInterrupt:
-        error("interrupted", every_rank=False)
+    except KeyboardInterrupt as e:
+        error(f"interrupted{': ' + str(e) if str(e) else ''}", every_rank=False)
         return 130
     except SystemExit:
         raise

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from fastargs import Param, Section
 
-from . import distributed, loaders
+from . import cli, distributed, loaders
 from .augment import Normalize
 from .config import BoolStr, Choice, ConfigError, load_config, print_config
 from .datasets.betons import open_dataset
@@ -165,31 +165,34 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def run(argv=None) -> int:
+    cfg = load_config(SECTIONS, argv, prog="python -m rsb_ffcv.evaluate", description=__doc__)
+    d = distributed.init(cfg["eval.device"], key="eval.device")
+    out_dir, tracker = Path(cfg["eval.out_dir"]), None
+    if d.is_main:
+        print_config(cfg)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tracker = Tracker(out_dir, cfg, mode=cfg["eval.wandb_mode"], project=cfg["eval.wandb_project"],
+                          entity=cfg["eval.wandb_entity"], name=out_dir.name, key="eval.wandb_mode")
     try:
-        cfg = load_config(SECTIONS, argv, prog="python -m rsb_ffcv.evaluate")
-        d = distributed.init(cfg["eval.device"])
-        if d.is_main:
-            print_config(cfg)
         rows = evaluate(cfg, d)
-        if d.is_main:
-            out_dir = Path(cfg["eval.out_dir"])
-            out_dir.mkdir(parents=True, exist_ok=True)
-            save_json(out_dir / "results.json", {"config": cfg, "results": rows})
-            tracker = Tracker(out_dir, cfg, mode=cfg["eval.wandb_mode"], project=cfg["eval.wandb_project"],
-                              entity=cfg["eval.wandb_entity"], name=out_dir.name)
-            tracker.log_table("evaluation", rows)
-            tracker.summary(**{f"{r['model']}/{r['dataset']}/{k}": v for r in rows for k, v in r.items()
-                               if isinstance(v, float)})
-            tracker.finish(0)
-            print(table(rows))
-            print(f"saved {out_dir / 'results.json'}")
-        return 0
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        distributed.shutdown()
+    except BaseException:
+        if tracker is not None:
+            tracker.finish(1)
+        raise
+    if d.is_main:
+        save_json(out_dir / "results.json", {"config": cfg, "results": rows})
+        tracker.log_table("evaluation", rows)
+        tracker.summary(**{f"{r['model']}/{r['dataset']}/{k}": v for r in rows for k, v in r.items()
+                           if isinstance(v, float)})
+        tracker.finish(0)
+        print(table(rows))
+        print(f"saved {out_dir / 'results.json'}")
+    return 0
+
+
+def main(argv=None) -> int:
+    return cli.run(run, argv, cleanup=distributed.shutdown)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from fastargs import Param, Section
 from PIL import Image
 
-from . import distributed, loaders
+from . import cli, distributed, loaders
 from .augment import Normalize
 from .config import BoolStr, Choice, ConfigError, load_config, print_config
 from .crop_decoder import center_box
@@ -207,33 +207,36 @@ def run(cfg: dict, device: torch.device) -> dict:
             "scores": scores, "rows": rows}
 
 
-def main(argv=None) -> int:
-    try:
-        cfg = load_config(SECTIONS, argv, prog="python -m rsb_ffcv.gradcam")
-        d = distributed.init(cfg["gradcam.device"])
-        print_config(cfg)
-        result = run(cfg, d.device)
-        out_dir = Path(cfg["gradcam.out_dir"])
-        out_dir.mkdir(parents=True, exist_ok=True)
-        title = (f"Grad-CAM ({cfg['gradcam.target']} class) on {Path(cfg['gradcam.dataset']).name}, "
-                 f"{cfg['gradcam.resolution']} px")
-        grid_png(out_dir / "grid.png", result["shown"], result["true_names"], result["panels"], title)
-        save_json(out_dir / "scores.json", {"config": cfg, "images": result["chosen"], "scores": result["scores"]})
-        tracker = Tracker(out_dir, cfg, mode=cfg["gradcam.wandb_mode"], project=cfg["gradcam.wandb_project"],
-                          entity=cfg["gradcam.wandb_entity"], name=out_dir.name)
-        tracker.log_table("gradcam", result["rows"])
-        tracker.summary(**{f"{m}/{k}": v for m, s in result["scores"].items() for k, v in s.items()})
-        tracker.finish(0)
-        for name, s in result["scores"].items():
-            print(f"{name}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
-                                          for k, v in s.items()))
-        print(f"saved {out_dir / 'grid.png'} and {out_dir / 'scores.json'}")
+def explain(argv=None) -> int:
+    cfg = load_config(SECTIONS, argv, prog="python -m rsb_ffcv.gradcam", description=__doc__)
+    d = distributed.init(cfg["gradcam.device"], key="gradcam.device")
+    if not d.is_main:  # a handful of images: rank 0 does it all, and alone writes the outputs
         return 0
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        distributed.shutdown()
+    print_config(cfg)
+    out_dir = Path(cfg["gradcam.out_dir"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tracker = Tracker(out_dir, cfg, mode=cfg["gradcam.wandb_mode"], project=cfg["gradcam.wandb_project"],
+                      entity=cfg["gradcam.wandb_entity"], name=out_dir.name, key="gradcam.wandb_mode")
+    try:
+        result = run(cfg, d.device)
+    except BaseException:
+        tracker.finish(1)
+        raise
+    title = (f"Grad-CAM ({cfg['gradcam.target']} class) on {Path(cfg['gradcam.dataset']).name}, "
+             f"{cfg['gradcam.resolution']} px")
+    grid_png(out_dir / "grid.png", result["shown"], result["true_names"], result["panels"], title)
+    save_json(out_dir / "scores.json", {"config": cfg, "images": result["chosen"], "scores": result["scores"]})
+    tracker.log_table("gradcam", result["rows"])
+    tracker.summary(**{f"{m}/{k}": v for m, s in result["scores"].items() for k, v in s.items()})
+    tracker.finish(0)
+    for name, s in result["scores"].items():
+        print(f"{name}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in s.items()))
+    print(f"saved {out_dir / 'grid.png'} and {out_dir / 'scores.json'}")
+    return 0
+
+
+def main(argv=None) -> int:
+    return cli.run(explain, argv, cleanup=distributed.shutdown)
 
 
 if __name__ == "__main__":

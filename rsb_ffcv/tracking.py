@@ -1,47 +1,118 @@
 """Metrics to W&B and to a local metrics.jsonl; checkpoints as W&B model artifacts. Rank 0 only.
 
-wandb_mode=auto is online when credentials are configured (WANDB_API_KEY or a netrc entry), else
-offline: a run never fails for lack of network.
+W&B never costs a run. wandb_mode=auto is online when credentials are configured (WANDB_API_KEY or a
+netrc entry) and the server answers a quick probe, else offline, saying so in one line with the
+`wandb sync` command for later. wandb_mode=online that cannot reach the server stops before any training
+with one error line. Compute nodes often have credentials but no route out: the probe takes at most
+PROBE_TIMEOUT_S, where wandb.init would retry for minutes.
 """
 from __future__ import annotations
 
+import functools
 import json
 import netrc
 import os
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
+from urllib.parse import urlparse
+
+from .config import ConfigError
+
+PROBE_TIMEOUT_S = 5.0
+INIT_TIMEOUT_S = 60.0
+
+
+def wandb_base_url() -> str:
+    return os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
 
 
 def wandb_credentials_present() -> bool:
     if os.environ.get("WANDB_API_KEY"):
         return True
     try:
-        return netrc.netrc().authenticators("api.wandb.ai") is not None
+        return netrc.netrc().authenticators(urlparse(wandb_base_url()).hostname or "api.wandb.ai") is not None
     except (FileNotFoundError, netrc.NetrcParseError, OSError):
         return False
 
 
-def resolve_wandb_mode(mode: str) -> str:
-    if mode == "auto":
-        return "online" if wandb_credentials_present() else "offline"
+def wandb_unreachable() -> str | None:
+    """None when the W&B server answers (any HTTP status), else why not (refused, timeout, no DNS)."""
+    return _probe(wandb_base_url(), PROBE_TIMEOUT_S)
+
+
+@functools.lru_cache(maxsize=None)
+def _probe(url: str, timeout: float) -> str | None:  # once per server and process
+    try:
+        urllib.request.urlopen(url, timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return None  # it answered
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        return str(reason) or type(reason).__name__
+    return None
+
+
+def offline_note(key: str, why: str) -> str:
+    return (f"W&B: {wandb_base_url()} cannot be reached ({why}); logging offline instead ({key}=auto). Upload "
+            f"later from a machine with network: wandb sync <run_dir>/wandb/offline-run-*")
+
+
+def online_error(key: str, why: str) -> ConfigError:
+    return ConfigError(f"{key}=online but the W&B server {wandb_base_url()} cannot be reached ({why}): set "
+                       f"{key}=offline (upload later with wandb sync) or disabled")
+
+
+def resolve_wandb_mode(mode: str, key: str = "logging.wandb_mode") -> str:
+    """The mode to run W&B in; ConfigError (one line) when online is asked for and impossible."""
+    if mode == "auto" and not wandb_credentials_present():
+        return "offline"
+    if mode in ("auto", "online"):
+        why = wandb_unreachable()
+        if why is None:
+            return "online"
+        if mode == "online":
+            raise online_error(key, why)
+        print(offline_note(key, why), flush=True)
+        return "offline"
     return mode
 
 
 class Tracker:
     def __init__(self, run_dir: Path, config: dict, *, mode: str, project: str, entity: str, name: str,
-                 run_id: str | None = None, enabled: bool = True):
+                 run_id: str | None = None, enabled: bool = True, key: str = "logging.wandb_mode"):
+        """`key`: the option that set `mode` (for messages)."""
         self.enabled = enabled
         self.run = None
         self.run_dir = run_dir
+        self.mode = "disabled"
         if not enabled:
             return
+        self.mode = resolve_wandb_mode(mode, key)
         self.jsonl = open(run_dir / "metrics.jsonl", "a")
-        mode = resolve_wandb_mode(mode)
-        if mode != "disabled":
+        if self.mode != "disabled":
             import wandb
-            self.run = wandb.init(dir=str(run_dir), mode=mode, project=project, entity=entity or None,
-                                  name=name, id=run_id, resume="allow" if run_id else None, config=config)
-        self.mode = mode
+            kwargs = dict(dir=str(run_dir), project=project, entity=entity or None, name=name, id=run_id,
+                          resume="allow" if run_id else None, config=config)
+            try:
+                self.run = wandb.init(mode=self.mode, settings=wandb.Settings(init_timeout=INIT_TIMEOUT_S), **kwargs)
+            except Exception as e:  # the server answered the probe but refused the run (key, entity, quota)
+                if self.mode == "offline" or mode == "online":
+                    self.jsonl.close()
+                    raise ConfigError(f"W&B could not start a run ({type(e).__name__}: "
+                                      f"{str(e).splitlines()[0] if str(e) else ''}): set {key}=offline or "
+                                      f"disabled") from None
+                print(offline_note(key, f"{type(e).__name__} from wandb.init"), flush=True)
+                self.mode = "offline"
+                self.run = wandb.init(mode="offline", **kwargs)
+
+    @property
+    def offline_dir(self) -> Path | None:
+        """The offline run's directory (for `wandb sync`), or None."""
+        if self.run is None or self.mode != "offline":
+            return None
+        return Path(self.run.dir).parent
 
     @property
     def run_id(self) -> str | None:
@@ -84,3 +155,32 @@ class Tracker:
         self.jsonl.close()
         if self.run is not None:
             self.run.finish(exit_code=exit_code)
+
+
+def plot_curves(metrics_jsonl: Path, out: Path) -> Path | None:
+    """Train loss, val top-1 and learning rate per epoch from metrics.jsonl, as one PNG (None: no epoch yet)."""
+    rows = [json.loads(line) for line in Path(metrics_jsonl).read_text().splitlines() if line.strip()]
+    epochs = [r for r in rows if "train/epoch_loss" in r]
+    if not epochs:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .files import save_figure
+    lr_by_epoch = {}
+    for r in rows:
+        if "train/lr" in r:
+            lr_by_epoch.setdefault(r["epoch"], r["train/lr"])
+    panels = [("train loss", [(r["epoch"], r["train/epoch_loss"]) for r in epochs]),
+              ("val top-1 (%)", [(r["epoch"], r["val/top1"]) for r in epochs if "val/top1" in r]),
+              ("learning rate", sorted(lr_by_epoch.items()))]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    for ax, (title, points) in zip(axes, panels):
+        if points:
+            x, y = zip(*points)
+            ax.plot(x, y, marker="o", markersize=3)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("epoch")
+    fig.tight_layout()
+    return save_figure(fig, out, dpi=100)

@@ -40,7 +40,7 @@ from .recipe import (
     compile_model,
     configure_backends,
 )
-from .tracking import Tracker
+from .tracking import Tracker, plot_curves, resolve_wandb_mode
 
 
 class LossNotFinite(cli.RunFailure):
@@ -95,6 +95,8 @@ class Trainer:
                               f"training.resume=auto to continue it, or choose another run_dir")
 
         self.debug_signals = parse_debug_signals(cfg["training.debug_signal_at"])
+        # W&B's mode now, before building anything: online that cannot connect stops here, auto says offline
+        wandb_mode = resolve_wandb_mode(cfg["logging.wandb_mode"], "logging.wandb_mode") if d.is_main else "disabled"
         seed = cfg["training.seed"]
         torch.manual_seed(seed)  # identical initial weights on every rank
         self.device = d.device
@@ -109,6 +111,10 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg["optim.opt"], cfg["lr.lr"], cfg["optim.weight_decay"],
                                          cfg["optim.momentum"])
         self.scaler = self.precision.grad_scaler()
+        if d.is_main:  # weights, optimizer moments (LAMB/AdamW: 2 per weight, SGD: 1) and EMA
+            weights = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
+            copies = 1 + (1 if cfg["optim.opt"] == "sgd" else 2) + (1 if self.ema is not None else 0)
+            checkpoint.check_free_space(self.run_dir, weights * copies)
         self.ddp = None
         if d.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -158,9 +164,9 @@ class Trainer:
         if d.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(nest(cfg), sort_keys=True))
-        self.tracker = Tracker(self.run_dir, cfg, mode=cfg["logging.wandb_mode"], project=cfg["logging.wandb_project"],
+        self.tracker = Tracker(self.run_dir, cfg, mode=wandb_mode, project=cfg["logging.wandb_project"],
                                entity=cfg["logging.wandb_entity"], name=cfg["logging.run_name"] or self.run_dir.name,
-                               run_id=wandb_id, enabled=d.is_main)
+                               run_id=wandb_id, enabled=d.is_main, key="logging.wandb_mode")
 
     # ---- checkpoints -------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -337,9 +343,7 @@ class Trainer:
                 self.reduce_batchnorm()
                 if self.stopping:
                     self.save(None, log_artifact=False)
-                    self.log(f"stopped by signal at step {self.step}; checkpoint saved to {self.run_dir / 'last.pt'} "
-                             f"(resume with --training.resume=auto)")
-                    return top1
+                    break
                 last = self.epoch + 1 == self.total_epochs
                 metrics = {**stats, "epoch": self.epoch}
                 top1 = None
@@ -360,10 +364,27 @@ class Trainer:
                 self.tracker.log(metrics, step=self.step)
         finally:
             self.stopper.close()
+        self.report()
+        if self.stopping:
+            self.log(f"stopped by signal at step {self.step}; checkpoint saved to {self.run_dir / 'last.pt'} "
+                     f"(resume with --training.resume=auto)")
+            return None
         if top1 is not None:
             self.tracker.summary(final_val_top1=top1, best_val_top1=self.best_top1)
             self.log(f"final val top-1: {top1:.2f}")
         return top1
+
+    def report(self):
+        """curves.png beside metrics.jsonl, and where everything is (rank 0)."""
+        if not self.d.is_main:
+            return
+        curves = plot_curves(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png")
+        checkpoints = [str(p) for p in (self.run_dir / "last.pt", self.run_dir / "best.pt") if p.exists()]
+        self.log(f"run directory: {self.run_dir} (config.yaml, metrics.jsonl{', curves.png' if curves else ''})")
+        self.log(f"checkpoints: {', '.join(checkpoints) or 'none yet'}")
+        offline = self.tracker.offline_dir
+        if offline is not None:
+            self.log(f"W&B offline run: {offline}; upload it with: wandb sync {offline}")
 
 
 def parse_debug_signals(spec: str) -> set[tuple[int, int]]:

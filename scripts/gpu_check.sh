@@ -41,11 +41,14 @@ export PIP_NO_INDEX=1 PIP_FIND_LINKS="$BUNDLE/wheels" PIP_DISABLE_PIP_VERSION_CH
 export PKG_CONFIG_PATH="$BUNDLE/sysroot/pkgconfig" PATH="$BUNDLE/sysroot/bin:$PATH"
 export LDFLAGS="-Wl,-rpath,$BUNDLE/sysroot/lib ${LDFLAGS:-}"  # libffcv finds the bundle's libraries at run time
 echo "== installing from $BUNDLE (offline) =="
-"$VPY" -m pip install --quiet fastargs terminaltables assertpy pytorch-pfn-extras "wandb>=0.17" tqdm pyyaml \
-    psutil matplotlib "timm>=1.0.9" safetensors setuptools wheel
+# What the check needs; pip takes what is installed already and the rest from the bundle. W&B only if the
+# bundle has it: the check runs with W&B disabled (rsb_ffcv imports wandb only when logging to it).
+NEEDS="fastargs terminaltables assertpy pytorch-pfn-extras tqdm pyyaml psutil matplotlib timm>=1.0.9 safetensors setuptools wheel"
+ls "$BUNDLE"/wheels/wandb-* >/dev/null 2>&1 && NEEDS="$NEEDS wandb>=0.17"
+"$VPY" -m pip install --quiet $NEEDS
 echo "== building ffcv 1.0.2 against the bundle's OpenCV core/imgproc and libjpeg-turbo =="
+# --no-deps: ffcv asks for opencv-python, which opencv-python-headless satisfies in fact (cv2), not for pip
 "$VPY" -m pip install --quiet --no-build-isolation --force-reinstall --no-deps "$BUNDLE"/sdist/ffcv-1.0.2.tar.gz
-"$VPY" -m pip install --quiet --no-build-isolation "$BUNDLE"/sdist/ffcv-1.0.2.tar.gz  # its remaining deps
 "$VPY" -c "import ffcv.libffcv, ffcv.loader; print('ffcv', ffcv.__version__ if hasattr(ffcv, '__version__') else '1.0.2', 'imports')"
 echo "== building rsb_ffcv's region JPEG decoder (rsb_ffcv/_jpeg.c) against the bundle's libjpeg =="
 "$VPY" setup.py --quiet build_ext --inplace

@@ -1,16 +1,33 @@
 #!/usr/bin/env bash
-# Collect what a CUDA machine without internet needs to run rsb_ffcv, given that it already has
-# Python >= 3.11, PyTorch, torchvision, numba and (ideally) timm and opencv-python:
-#   wheels/   the missing pure-Python dependencies (fastargs, wandb and its needs, terminaltables, ...)
+# Collect what a CUDA machine without internet needs to run rsb_ffcv's GPU check, given that it already has
+# Python >= 3.11 with PyTorch, torchvision, numba, opencv-python(-headless), a C/C++ compiler:
+#   wheels/   the missing pure-Python dependencies (fastargs, terminaltables, assertpy, pytorch-pfn-extras, ...)
 #   sdist/    ffcv-1.0.2.tar.gz (built on the GPU machine by scripts/gpu_check.sh)
-#   sysroot/  OpenCV core+imgproc and libjpeg-turbo (TurboJPEG and libjpeg APIs) headers and shared
+#   sysroot/  OpenCV core+imgproc and libjpeg-turbo (TurboJPEG and libjpeg APIs) headers and stripped shared
 #             libraries, unpacked from Debian packages (apt-get download + dpkg -x), plus
 #             pkgconfig/{opencv4,libturbojpeg,libjpeg}.pc covering only what ffcv and rsb_ffcv/_jpeg.c
 #             link, and a pkg-config stand-in for machines without one.
-# Run on a connected Debian/Ubuntu machine (x86-64):  scripts/make_offline_bundle.sh [OUT_DIR] [PY_VERSION]
+# Run on a connected Debian/Ubuntu machine (x86-64):
+#   scripts/make_offline_bundle.sh [--lean | --have FREEZE.txt] [OUT_DIR] [PY_VERSION]
+#   --lean          ship only what the GPU machines of this project lack (they have torch, torchvision, timm,
+#                   numba, opencv-python-headless, pillow, matplotlib, pyyaml, tqdm, psutil, safetensors,
+#                   huggingface-hub, setuptools, scipy): no W&B (the check runs without it), about 30 MB
+#   --have FILE     ship the full set minus the packages in FILE (the target's `pip freeze`)
+#   (neither)       the full set, W&B included, for a bare Python with torch
 # Then copy OUT_DIR and this repository to the GPU machine and run scripts/gpu_check.sh OUT_DIR.
 set -euo pipefail
 SCRIPTS=$(cd "$(dirname "$0")" && pwd)
+LEAN=0 HAVE=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --lean) LEAN=1; shift ;;
+        --have) HAVE=$(realpath "$2"); shift 2 ;;
+        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+        -*) echo "error: unknown option '$1' (see --help)" >&2; exit 2 ;;
+        *) break ;;
+    esac
+done
+[ -z "$HAVE" ] || [ -f "$HAVE" ] || { echo "error: --have '$HAVE': no such file (give the target's pip freeze)" >&2; exit 2; }
 OUT=$(realpath -m "${1:-offline_bundle}")
 PY=${2:-3.12}
 PIP=${PIP:-python3 -m pip}
@@ -20,16 +37,34 @@ cd "$OUT.tmp"
 echo "== wheels for Python $PY (manylinux x86-64) =="
 # Pure-Python packages published only as sdists: build their (platform-independent) wheels here.
 $PIP wheel --quiet --no-deps --wheel-dir wheels fastargs terminaltables assertpy
-# The rest as binary wheels for the GPU machine's Python; timm (and matplotlib for the charts) in case it
-# lacks them: pip there installs only what is missing. timm goes without its deps (torch is there).
-$PIP download --quiet --dest wheels --only-binary=:all: --python-version "$PY" --implementation cp \
-    --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
-    --platform any \
-    pytorch-pfn-extras "wandb>=0.17" tqdm pyyaml psutil matplotlib safetensors huggingface_hub setuptools wheel
-$PIP download --quiet --dest wheels --only-binary=:all: --no-deps "timm>=1.0.9"
-# torch and friends are on the GPU machine already: never ship them.
-rm -f wheels/torch-* wheels/torchvision-* wheels/nvidia_* wheels/triton-* wheels/numpy-* wheels/sympy-* \
-      wheels/networkx-* wheels/mpmath-* wheels/jinja2-* wheels/MarkupSafe-* wheels/cuda_* wheels/pillow-*
+if [ "$LEAN" = 1 ]; then
+    # The one other thing ffcv needs that those machines lack; its own needs (numpy, packaging, torch,
+    # typing-extensions) are there.
+    $PIP download --quiet --dest wheels --only-binary=:all: --no-deps pytorch-pfn-extras
+else
+    # The rest as binary wheels for the GPU machine's Python; timm (and matplotlib for the charts) in case it
+    # lacks them: pip there installs only what is missing. timm goes without its deps (torch is there).
+    $PIP download --quiet --dest wheels --only-binary=:all: --python-version "$PY" --implementation cp \
+        --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
+        --platform any \
+        pytorch-pfn-extras "wandb>=0.17" tqdm pyyaml psutil matplotlib safetensors huggingface_hub setuptools wheel
+    $PIP download --quiet --dest wheels --only-binary=:all: --no-deps "timm>=1.0.9"
+    # torch and friends are on the GPU machine already: never ship them.
+    rm -f wheels/torch-* wheels/torchvision-* wheels/nvidia_* wheels/triton-* wheels/numpy-* wheels/sympy-* \
+          wheels/networkx-* wheels/mpmath-* wheels/jinja2-* wheels/MarkupSafe-* wheels/cuda_* wheels/pillow-*
+fi
+if [ -n "$HAVE" ]; then  # drop what the target has: wheel names are normalised project names
+    python3 - "$HAVE" wheels <<'PYHAVE'
+import re, sys
+from pathlib import Path
+norm = lambda n: re.sub(r"[-_.]+", "_", n).lower()
+have = {norm(re.split(r"[=<>@ ;\[]", line.strip(), maxsplit=1)[0]) for line in open(sys.argv[1])
+        if line.strip() and not line.startswith(("#", "-"))}
+for wheel in Path(sys.argv[2]).glob("*.whl"):
+    if norm(wheel.name.split("-")[0]) in have:
+        wheel.unlink()
+PYHAVE
+fi
 
 echo "== ffcv sdist =="
 $PIP download --quiet --dest sdist --no-deps --no-binary :all: ffcv==1.0.2
@@ -61,6 +96,10 @@ for lib in libopencv_core libopencv_imgproc libturbojpeg libjpeg; do
     ls sysroot/lib/$lib.so* >/dev/null || { echo "missing $lib in the Debian packages" >&2; exit 1; }
 done
 rm -rf sysroot/full
+# Debug symbols are most of these libraries' size; the loader does not need them.
+if command -v strip >/dev/null; then
+    find sysroot/lib -name '*.so*' -type f -exec strip --strip-unneeded {} +
+fi
 cat > sysroot/pkgconfig/opencv4.pc <<'PC'
 prefix=${pcfiledir}/..
 includedir=${prefix}/include/opencv4

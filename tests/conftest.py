@@ -81,3 +81,14 @@ def tiny_args(demo, run_dir, *extra):
             "--resolution.test=32", "--training.batch_size=16", "--training.epochs=2",
             "--training.steps_per_epoch=3", "--logging.log_every=1", "--logging.wandb_mode=offline",
             "--augment.rand_augment=", *extra]
+
+
+@pytest.fixture(scope="session")
+def demo_model(demo_betons, tmp_path_factory):
+    """A resnet10t trained on the small demo betons (64 px, 12 epochs, about a minute on 2 cores)."""
+    run_dir = tmp_path_factory.mktemp("demo_model") / "run"
+    run_cli("-m", "rsb_ffcv.train", "--config", str(ROOT / "rsb_configs" / "demo.yaml"),
+            f"--data.train_dataset={demo_betons}/train.beton", f"--data.val_dataset={demo_betons}/val.beton",
+            f"--logging.run_dir={run_dir}", "--resolution.train=64", "--resolution.test=64", "--training.epochs=12",
+            "--augment.rand_augment=", "--augment.mixup_prob=0", "--logging.wandb_mode=disabled", timeout=1200)
+    return run_dir

@@ -175,6 +175,43 @@ def test_train_decoder_in_a_loader_equals_torchvision(photo_betons):
         assert np.abs(out.astype(int) - ref).max() <= 3
 
 
+def test_random_train_interpolation_draws_per_image_like_timm(photo_betons):
+    """data.train_interpolation=random: every crop resizes bilinear or bicubic at random, as timm's
+    RandomResizedCropAndInterpolation('random') does (train.py's 2021 default). A full-image crop is
+    deterministic, so each output equals one of the two fixed-filter outputs; the draws are counted."""
+    import random
+    from unittest import mock
+
+    import timm.data.transforms as timm_transforms
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.loader import Loader, OrderOption
+    _, betons = photo_betons
+
+    def outputs(interpolation, epochs):
+        dec = cd.RandomResizedCropDecoder((64, 64), scale=(1, 1), ratio=(1, 1), flip_prob=0.0,
+                                          interpolation=interpolation)
+        loader = Loader(str(betons["raw"]), batch_size=6, num_workers=1, order=OrderOption.SEQUENTIAL,
+                        drop_last=False, pipelines={"image": [dec], "label": [IntDecoder()]})
+        return [np.concatenate([x.copy() for x, _ in epoch(loader, 1)]) for _ in range(epochs)]
+    bilinear, bicubic = outputs("bilinear", 1)[0], outputs("bicubic", 1)[0]
+    ours = []
+    for out in outputs("random", 40):
+        for k in range(len(out)):
+            is_cubic = np.array_equal(out[k], bicubic[k])
+            assert is_cubic or np.array_equal(out[k], bilinear[k])
+            ours.append(is_cubic)
+    drawn, resized = [], timm_transforms.F.resized_crop
+    rrc = timm_transforms.RandomResizedCropAndInterpolation(64, interpolation="random")
+    random.seed(0)
+    with mock.patch.object(timm_transforms.F, "resized_crop",
+                           lambda img, *a: drawn.append(a[-1]) or resized(img, *a)):
+        for _ in range(len(ours)):
+            rrc(Image.new("RGB", (150, 150)))
+    timm_cubic = sum(str(d).endswith("BICUBIC") for d in drawn)
+    table = [[sum(ours), len(ours) - sum(ours)], [timm_cubic, len(drawn) - timm_cubic]]
+    assert stats.chi2_contingency(table).pvalue > 1e-3 and stats.binomtest(sum(ours), len(ours)).pvalue > 1e-3, table
+
+
 @pytest.mark.parametrize("decoder", ["fast", "ffcv"])
 def test_train_loader_delivers_channels_last_uint8(photo_betons, decoder):
     _, betons = photo_betons

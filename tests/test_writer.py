@@ -16,7 +16,12 @@ from rsb_ffcv.config import ConfigError
 from rsb_ffcv.datasets import writer as writer_mod
 from rsb_ffcv.datasets.images import load_rgb, to_rgb
 from rsb_ffcv.datasets.sources import image_folder
-from rsb_ffcv.datasets.writer import WriteError, WriteOptions, write_beton
+from rsb_ffcv.datasets.writer import (
+    UnreadableImages,
+    WriteError,
+    WriteOptions,
+    write_beton,
+)
 
 
 def read_back(path):
@@ -111,9 +116,10 @@ def _add_bad_files(root):
 def test_bad_files_fail_listing_all_and_write_nothing(folder, tmp_path):
     names = _add_bad_files(folder)
     out = tmp_path / "t.beton"
-    with pytest.raises(WriteError) as e:
+    with pytest.raises(UnreadableImages) as e:  # an input error: exit code 2 from the CLI
         write_beton(image_folder(folder), out, opts())
     msg = str(e.value)
+    assert "\n" not in msg and len(e.value.bad) == 4
     assert "4 unreadable images" in msg and all(n in msg for n in names)
     assert "empty file" in msg
     assert list(tmp_path.glob("t.*")) == [] and not any(p.name.startswith(".t.") for p in tmp_path.iterdir())

@@ -18,6 +18,7 @@ from PIL import Image
 
 from ..config import ConfigError
 from ..datasets import demo
+from . import common  # noqa: F401  (declares the shared `bench` section)
 
 MARKER = ".rsb_ffcv_bench_corpus"
 Section("bench_corpus", "the generated corpus").params(

@@ -48,8 +48,8 @@ def check_beton(beton: str | os.PathLike) -> int:
                  and (len(table) == 0 or int((table["ptr"] + table["size"]).max()) <= table_at)
                  and (len(table) == 0 or np.array_equal(np.unique(table["sample_id"]), np.arange(n))))
     except Exception as e:  # FFCV raises assertions and numpy errors on damaged files
-        raise ConfigError(f"dataset '{beton}' is not a readable FFCV beton ({type(e).__name__}: {e}): "
-                          f"rewrite it with write_datasets.py") from None
+        raise ConfigError(f"dataset '{beton}' is truncated or damaged: FFCV cannot read its index ({type(e).__name__}: "
+                          f"{e}); copy it again or rewrite it with write_datasets.py") from None
     if not whole:
         raise ConfigError(f"dataset '{beton}' is truncated or damaged ({size:,} bytes; its records do not all lie "
                           f"inside the file): copy it again or rewrite it with write_datasets.py")

@@ -5,16 +5,16 @@ With no source given it writes the bundled demo dataset (train + val betons unde
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from fastargs import Param, Section
 
+from .. import cli
 from ..config import BoolStr, Choice, ConfigError, load_config, print_config
 from . import demo as demo_data
 from .betons import sidecar_path
 from .sources import flat_val, image_folder, imagenet_v2, stratified_subset
-from .writer import WriteError, WriteOptions, summary_line, write_beton
+from .writer import WriteOptions, summary_line, write_beton
 
 Section("source", "where the images come from").params(
     kind=Param(Choice(["demo", "imagefolder", "flatval", "v2"]),
@@ -100,10 +100,10 @@ def write_demo(cfg: dict, opts: WriteOptions) -> dict:
     return results
 
 
-def main(argv=None) -> int:
+def write(argv=None) -> int:
+    cfg = load_config(SECTIONS, argv, prog="write_datasets.py", description=__doc__)
+    opts = options_from(cfg)
     try:
-        cfg = load_config(SECTIONS, argv, prog="write_datasets.py")
-        opts = options_from(cfg)
         if cfg["source.kind"] == "demo":
             opts.overwrite = True  # the demo is regenerated from its seed: nothing to lose
             results = write_demo(cfg, opts)
@@ -113,13 +113,13 @@ def main(argv=None) -> int:
             print("config:")
             print_config({k: v for k, v in cfg.items() if not k.startswith("demo.")})
             results = {cfg["writer.out"]: write_beton(build_source(cfg), cfg["writer.out"], opts)}
-    except (ConfigError, WriteError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        print("interrupted: nothing was written", file=sys.stderr)
-        return 130
+        raise KeyboardInterrupt("nothing was written") from None
     for path, s in results.items():
         print(summary_line(path, s) + (" verified" if s.get("verified") else ""))
         print(f"  sidecar: {sidecar_path(path)}")
     return 0
+
+
+def main(argv=None) -> int:
+    return cli.run(write, argv)

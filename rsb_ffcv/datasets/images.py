@@ -8,7 +8,6 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import warnings
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -67,9 +66,12 @@ def check_image(path: str) -> tuple[str, str | None, tuple[int, int] | None]:
         return path, f"{type(e).__name__}: {msg}", None
 
 
-def validate_images(paths: list[str], num_workers: int, desc: str = "validating") -> dict[str, str]:
-    """Fully decode every file in parallel; return {path: reason} for the bad ones."""
+def validate_images(paths: list[str], num_workers: int,
+                    desc: str = "validating") -> tuple[dict[str, str], dict[str, tuple[int, int]]]:
+    """Fully decode every file in parallel: ({path: reason} for the bad ones, {path: (width, height)} for
+    the good ones)."""
     bad: dict[str, str] = {}
+    sizes: dict[str, tuple[int, int]] = {}
     chunk = max(1, min(256, len(paths) // (num_workers * 8) or 1))
     bar = tqdm(total=len(paths), desc=desc, unit="img", dynamic_ncols=True, mininterval=0.5)
     if num_workers <= 1 or len(paths) < 64:
@@ -79,16 +81,18 @@ def validate_images(paths: list[str], num_workers: int, desc: str = "validating"
         pool = mp.get_context("fork").Pool(num_workers)
         results = pool.imap(check_image, paths, chunksize=chunk)
     try:
-        for path, err, _ in results:
+        for path, err, size in results:
             if err is not None:
                 bad[path] = err
+            else:
+                sizes[path] = size
             bar.update(1)
     finally:
         bar.close()
         if pool is not None:
             pool.terminate()
             pool.join()
-    return bad
+    return bad, sizes
 
 
 def available_cpus() -> int:
@@ -98,6 +102,3 @@ def available_cpus() -> int:
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
 
-
-def relpath(path: str | Path, root: str | Path) -> str:
-    return Path(path).relative_to(root).as_posix()

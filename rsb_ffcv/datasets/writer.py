@@ -15,6 +15,7 @@ import json
 import os
 import queue
 import signal
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -25,17 +26,25 @@ import numpy as np
 from ffcv.fields import IntField, RGBImageField
 from ffcv.memory_allocator import MemoryAllocator
 from ffcv.writer import DatasetWriter
-from PIL import Image
 from tqdm import tqdm
 
+from ..cli import RunFailure
 from ..config import ConfigError
 from .betons import sidecar_path
 from .images import available_cpus, load_rgb, validate_images
 from .sources import Source
 
 
-class WriteError(RuntimeError):
-    """The write could not be completed; nothing was left at the output path."""
+class WriteError(RunFailure):
+    """The write could not be completed (exit 1); nothing was left at the output path."""
+
+
+class UnreadableImages(ConfigError):
+    """The source holds images that do not decode (an input error, exit 2); nothing was written."""
+
+    def __init__(self, message: str, bad: dict[str, str]):
+        super().__init__(message)
+        self.bad = bad
 
 
 @dataclass
@@ -85,6 +94,15 @@ class _Records:
             raise RuntimeError(f"cannot read '{self.files[i]}': {e}") from e
 
 
+def _worker(work_fn, errors, *args) -> None:
+    """FFCV's writer worker, reporting a failure as one line to the parent instead of a traceback."""
+    try:
+        work_fn(*args)
+    except BaseException as e:  # noqa: BLE001 - any failure ends the write; the parent says why
+        errors.put(f"{type(e).__name__}: {e}")
+        sys.exit(1)
+
+
 class _SafeWriter(DatasetWriter):
     """FFCV's DatasetWriter with a progress loop that notices dead workers instead of spinning forever."""
 
@@ -105,7 +123,8 @@ class _SafeWriter(DatasetWriter):
         allocator = MemoryAllocator(self.fname, self.data_region_start, self.page_size)
         args = (work, self.metadata_sm, self.metadata_type, self.fields, allocator, done, allocations,
                 *extra_worker_args)
-        procs = [Process(target=work_fn, args=args, daemon=True) for _ in range(self.num_workers)]
+        errors: Queue = Queue()
+        procs = [Process(target=_worker, args=(work_fn, errors, *args), daemon=True) for _ in range(self.num_workers)]
         results = []
         try:
             for p in procs:
@@ -118,7 +137,11 @@ class _SafeWriter(DatasetWriter):
                     except queue.Empty:
                         dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
                         if dead:
-                            raise WriteError(f"a writer worker died (exit code {dead[0]}); see its error above")
+                            try:
+                                why = errors.get(timeout=1.0)
+                            except queue.Empty:
+                                why = f"exit code {dead[0]}"
+                            raise WriteError(f"a writer worker failed ({why}); nothing was written")
                     bar.update(done.value - bar.n)
             for p in procs:
                 p.join()
@@ -168,8 +191,10 @@ def _versions() -> dict:
     return out
 
 
-def format_bad(bad: dict[str, str]) -> str:
-    return "\n".join(f"  {p}: {why}" for p, why in sorted(bad.items()))
+def format_bad(bad: dict[str, str], limit: int = 20) -> str:
+    items = sorted(bad.items())
+    text = "; ".join(f"{p} ({why})" for p, why in items[:limit])
+    return text + (f"; and {len(items) - limit} more" if len(items) > limit else "")
 
 
 def write_beton(source: Source, out: str | os.PathLike, opts: WriteOptions, extra: dict | None = None) -> dict:
@@ -186,13 +211,14 @@ def write_beton(source: Source, out: str | os.PathLike, opts: WriteOptions, extr
     out.parent.mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
-    bad = validate_images(source.files, opts.workers, desc=f"validating {out.name}")
+    bad, sizes = validate_images(source.files, opts.workers, desc=f"validating {out.name}")
     if bad and opts.on_error == "fail":
-        raise WriteError(f"{len(bad)} unreadable images in '{source.root}'; nothing was written "
-                         f"(fix or remove them, or set writer.on_error=skip):\n{format_bad(bad)}")
+        raise UnreadableImages(f"{len(bad)} unreadable images in '{source.root}'; nothing was written (fix or remove "
+                               f"them, or set writer.on_error=skip to write the rest and list them in the sidecar): "
+                               f"{format_bad(bad)}", bad)
     kept = source.drop(set(bad)) if bad else source
     if not kept.files:
-        raise WriteError(f"every image in '{source.root}' is unreadable:\n{format_bad(bad)}")
+        raise UnreadableImages(f"every image in '{source.root}' is unreadable: {format_bad(bad)}", bad)
 
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     tmp_side = side.with_name(f".{side.name}.tmp-{os.getpid()}")
@@ -231,7 +257,7 @@ def write_beton(source: Source, out: str | os.PathLike, opts: WriteOptions, extr
             }
             if kept.boxes is not None:  # [x0, y0, x1, y1] in the source image's pixels, of size [w, h]
                 meta["boxes"] = kept.boxes
-                meta["box_image_sizes"] = [list(Image.open(f).size) for f in kept.files]
+                meta["box_image_sizes"] = [list(sizes[f]) for f in kept.files]
             meta.update(extra or {})
             tmp_side.write_text(json.dumps(meta, indent=1))
             _fsync(tmp_side)

@@ -1,0 +1,74 @@
+"""The offline kit for GPU machines without internet: a lean bundle fits the machines' 64 MiB limit (with the
+repository), and scripts/gpu_check.sh with it passes its CPU rehearsal in an environment that lacks exactly
+what those machines lack (ffcv, fastargs, wandb, terminaltables, assertpy, pytorch-pfn-extras, the OpenCV
+and libjpeg-turbo headers and libraries)."""
+import importlib.metadata as md
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+LACKING = ("ffcv", "fastargs", "wandb", "terminaltables", "assertpy", "pytorch-pfn-extras", "rsb_ffcv")
+
+pytestmark = pytest.mark.skipif(not (shutil.which("apt-get") and shutil.which("dpkg")),
+                                reason="the bundle takes OpenCV and libjpeg-turbo from Debian packages")
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+def target_site(root: Path) -> Path:
+    """This venv's packages minus what the GPU machines lack, as a directory for PYTHONPATH."""
+    site = Path(sysconfig.get_paths()["purelib"])
+    skip = set()
+    for name in LACKING:
+        try:
+            skip |= {f.parts[0] for f in md.distribution(name).files or []}
+        except md.PackageNotFoundError:
+            pass
+    out = root / "site"
+    out.mkdir()
+    for entry in site.iterdir():
+        if entry.name in skip or entry.name.startswith("__editable__") or entry.suffix == ".pth":
+            continue
+        (out / entry.name).symlink_to(entry)
+    return out
+
+
+def test_lean_bundle_fits_and_gpu_check_sh_passes_its_cpu_rehearsal(tmp_path):
+    bundle = tmp_path / "bundle"
+    env = {**os.environ, "PIP": f"{sys.executable} -m pip"}
+    p = subprocess.run(["bash", str(ROOT / "scripts" / "make_offline_bundle.sh"), "--lean", str(bundle), "3.12"],
+                       capture_output=True, text=True, env=env, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    size = _size(bundle)
+    assert size < 48 * 2**20, f"lean bundle {size / 2**20:.1f} MiB"
+    wheels = sorted(w.name.split("-")[0] for w in (bundle / "wheels").glob("*.whl"))
+    assert wheels == ["assertpy", "fastargs", "pytorch_pfn_extras", "terminaltables"]  # no W&B
+
+    repo = tmp_path / "repo"  # gpu_check.sh builds rsb_ffcv/_jpeg in place: not in this checkout
+    shutil.copytree(ROOT, repo, ignore=shutil.ignore_patterns(".venv", ".git", "data", "runs", "bench_out", "build",
+                                                              "*.so", "__pycache__", "gpu_check_out", "wandb"))
+    site = target_site(tmp_path)
+    base = getattr(sys, "_base_executable", sys.executable)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "VIRTUAL_ENV"))}
+    env.update(PYTHON=base, PYTHONPATH=str(site), OUT_DIR=str(tmp_path / "out"), TMPDIR=str(tmp_path))
+    probe = subprocess.run([base, "-c", "import torch, numba, cv2\ntry:\n import ffcv\nexcept ImportError:\n print('no ffcv')"],
+                           capture_output=True, text=True, env=env)
+    assert probe.stdout.strip() == "no ffcv", probe.stderr[-2000:]  # the stand-in lacks what the GPU machines lack
+    p = subprocess.run(["bash", "scripts/gpu_check.sh", str(bundle), "--gpu_check.device=cpu",
+                        "--gpu_check.quick=true", "--gpu_check.compile=false"],
+                       cwd=repo, capture_output=True, text=True, env=env, timeout=1500)
+    assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
+    result = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert result["passed"] and result["skipped"] == []
+    so = next((repo / "rsb_ffcv").glob("_jpeg*.so"))
+    ldd = subprocess.run(["ldd", str(so)], capture_output=True, text=True).stdout
+    assert str(bundle / "sysroot" / "lib" / "libjpeg.so.62") in ldd  # built against the bundle's libjpeg
