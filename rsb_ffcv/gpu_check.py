@@ -9,7 +9,11 @@ paths on a GPU.
    micro-batches per step, the virtual-rank order that repeated augmentation needs on one GPU) on a
    generated ImageNet-shaped corpus of 12,800 images (timed inside epochs): images/s, data stall, main-thread
    data wait, GPU memory.
-3. gpu_check.json with every figure, the GPU, driver and library versions; a table printed last.
+3. Where the time goes: RandAugment's host syncs (counted, and under CUDA's sync debug mode), timm's own A3
+   input pipeline feeding the same step (the side-by-side ratio), loader images/s with 1, 2, 4, ... decode
+   threads (and the threads a 4-GPU node needs), a torch.profiler summary of A3 steps (top operators, GPU
+   idle share), and the A3 step compiled and without channels-last.
+4. gpu_check.json with every figure, the GPU, driver and library versions; a table printed last.
 A stage that would overrun gpu_check.budget_s is skipped and marked so, and a skipped stage fails the
 check unless gpu_check.allow_skip=true. Without a GPU (gpu_check.device=cpu, gpu_check.quick=true) the same
 code runs at toy sizes: a rehearsal, and what the test suite runs.
@@ -30,7 +34,7 @@ from fastargs import Param, Section
 from . import cli, distributed, train_config
 from .bench import augment as bench_augment
 from .bench import train as bench_train
-from .bench.common import machine, pick_device
+from .bench.common import HostSyncs, machine, pick_device, sync
 from .bench.corpus import corpus_beton, generate
 from .config import BoolStr, Choice, load_config
 from .datasets.images import available_cpus
@@ -90,6 +94,117 @@ def check_randaugment(device: torch.device, batch: int = 64) -> dict:
     share = float((diff > 0).float().mean())
     return {"passed": bool(diff.max() <= 1 and share < 1e-3), "max_abs_diff": int(diff.max()),
             "share_of_values_differing": share, "channels_last_kept": dev.is_contiguous(memory_format=torch.channels_last)}
+
+
+def check_randaugment_syncs(device: torch.device, batch: int = 256) -> dict:
+    """The host waits for the GPU at most once per RandAugment layer (the op-group sizes): counted as the
+    torch calls that synchronise, and on CUDA also by torch's own sync debug mode."""
+    import warnings
+    ra = RandAugment("rand-m6-mstd0.5-inc1", interpolation="bicubic")
+    x = bench_augment.batch_of(160, batch).to(device)
+    ra(x, generator=None)  # constants are made once per device
+    with HostSyncs() as counted:
+        ra(x)
+    result = {"torch_calls_that_sync": len(counted.syncs), "host_to_device_copies": len(counted.copies),
+              "layers": ra.num_layers}
+    ok = len(counted.syncs) <= ra.num_layers and not counted.copies
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                ra(x)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        result["cuda_sync_warnings"] = sum("synchroniz" in str(w.message) for w in caught)
+        ok = ok and result["cuda_sync_warnings"] <= ra.num_layers
+    return {"passed": ok, **result}
+
+
+def loader_scaling(beton: str, cores: int, batch: int, res: int = 160) -> dict:
+    """The trainer's loader (CPU side) with 1, 2, 4, ... decode threads up to the machine's cores: images/s
+    over one epoch after a warm-up epoch, and the efficiency per thread against one thread."""
+    from .bench.loader import timed_epochs, trainer_loader
+    counts = [t for t in (1, 2, 4, 8, 16, 32, 64) if t <= cores]
+    rows = []
+    for threads in counts:
+        loader = trainer_loader(beton, "fast", res, batch, threads)
+        timed_epochs(lambda loader=loader, t=threads: epoch(loader, t), 1)  # numba compilation, page cache
+        wall, _ = timed_epochs(lambda loader=loader, t=threads: epoch(loader, t), 1)
+        rows.append({"threads": threads, "images_per_s": wall})
+    for r in rows:  # images/s per thread, relative to one thread's
+        r["per_thread_efficiency"] = r["images_per_s"] / r["threads"] / rows[0]["images_per_s"]
+    return {"rows": rows, "resolution": res, "batch": batch}
+
+
+def profile_step(config: str, beton: str, device: torch.device, batch: int, overrides, steps: int = 6) -> dict:
+    """torch.profiler over `steps` training steps on one device-resident batch: the top operators by device
+    (or CPU) time, and the share of the wall time the GPU was idle."""
+    from torch.profiler import ProfilerActivity, profile
+    with bench_train.bench_trainer(config, beton, device.type, batch, overrides) as t:
+        t.train_model.train()
+        images, labels = first_batch(t)
+        for _ in range(3):  # warm-up (cuDNN autotuning, allocator)
+            t.forward_backward(images, labels)
+            t.optimizer_step()
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        sync(device)
+        t0 = time.perf_counter()
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                t.forward_backward(images, labels)
+                t.optimizer_step()
+            sync(device)
+        wall = time.perf_counter() - t0
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)
+    busy = sum(getattr(e, key, 0) for e in events) / 1e6
+    top = [{"name": e.key, "ms_per_step": getattr(e, key, 0) / 1e3 / steps, "calls_per_step": e.count / steps}
+           for e in events[:12]]
+    result = {"steps": steps, "ms_per_step": 1e3 * wall / steps, "top": top}
+    if device.type == "cuda":
+        result["gpu_idle_share"] = max(0.0, 1 - busy / wall)
+    return result
+
+
+def timm_pipeline(config: str, corpus: Path, n: int, device: torch.device, batch: int, cores: int, overrides,
+                  steps: int) -> dict:
+    """timm's A3 input pipeline (ImageFolder + create_transform(RandAugment, bicubic) in a DataLoader with
+    every core, pinned memory) feeding the same model step on the same device: images/s, timed inside the
+    epoch after 3 batches. Mixup/CutMix as timm's Mixup on the device, BCE as the recipe."""
+    from timm.data import create_transform
+    from torchvision.datasets import ImageFolder
+    with bench_train.bench_trainer(config, str(corpus_beton(corpus, n, "proportion", cores)), device.type, batch,
+                                   overrides) as t:
+        cfg = t.cfg
+        tf = create_transform(cfg["resolution.train"], is_training=True, auto_augment=cfg["augment.rand_augment"],
+                              interpolation="bicubic", color_jitter=None)
+        folder = ImageFolder(str(corpus), transform=tf,
+                             is_valid_file=lambda f: f.endswith(".JPEG") and int(Path(f).stem[3:]) < n)
+        loader = torch.utils.data.DataLoader(folder, batch_size=batch, shuffle=True, num_workers=cores,
+                                             pin_memory=device.type == "cuda", drop_last=True)
+        t.train_model.train()
+        timed = images = 0
+        t0 = None
+        for i, (x, y) in enumerate(loader):
+            if i == 3:
+                sync(device)
+                t0 = time.perf_counter()
+            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            x, y = t.augment.mixup(x, y.to(device, non_blocking=True)) if t.augment.mixup else (x, y)
+            with t.precision.autocast():
+                loss = t.loss_fn(t.train_model(x), y)
+            t.scaler.scale(loss).backward()
+            t.optimizer_step()
+            if t0 is not None:
+                timed, images = timed + 1, images + len(x)
+                if timed == steps:
+                    break
+        sync(device)
+        if t0 is None or timed == 0:
+            raise RuntimeError("the corpus holds too few batches for timm's pipeline: raise the corpus size")
+        return {"images_per_s": images / (time.perf_counter() - t0), "steps": timed, "workers": cores}
 
 
 def trainer_for(beton: str, run_dir: str, d, *extra: str) -> Trainer:
@@ -159,9 +274,9 @@ def run_stage(results: dict, name: str, fn, deadline: float, needs_s: float):
 
 
 def summary_table(results: dict) -> str:
-    lines = [f"{'stage':28s} result"]
+    lines = [f"{'stage':32s} result"]
     for name, r in results.items():
-        if not isinstance(r, dict) or name in ("machine", "corpus"):
+        if not isinstance(r, dict) or name in ("machine", "corpus", "derived"):
             continue
         if "skipped" in r:
             text = "skipped: " + r["skipped"]
@@ -171,12 +286,37 @@ def summary_table(results: dict) -> str:
             text = (f"{r['real_images_per_s']:,.0f} img/s from betons, {r['synthetic_images_per_s']:,.0f} synthetic, "
                     f"stall {100 * r['data_stall_fraction']:.1f}%, data wait {100 * r['data_wait_fraction']:.1f}%"
                     + (f", {r['gpu_max_memory_gib']:.1f} GiB" if "gpu_max_memory_gib" in r else ""))
-        elif "rows" in r:
+        elif name == "bench_augment":
             text = ", ".join(f"{x['size']}px {x['ours_images_per_s']:,.0f} img/s" for x in r["rows"])
+        elif name == "loader_scaling":
+            text = ", ".join(f"{x['threads']} threads {x['images_per_s']:,.0f} img/s "
+                             f"({100 * x['per_thread_efficiency']:.0f}%)" for x in r["rows"])
+        elif name == "timm_pipeline_a3":
+            text = f"{r['images_per_s']:,.0f} img/s ({r['workers']} DataLoader workers)"
+        elif name == "profile_a3_step":
+            text = f"{r['ms_per_step']:.1f} ms/step" + (f", GPU idle {100 * r['gpu_idle_share']:.1f}%"
+                                                         if "gpu_idle_share" in r else "")
         else:
             text = "passed" if r.get("passed") else "FAILED"
-        lines.append(f"{name:28s} {text}")
+        lines.append(f"{name:32s} {text}")
+    derived = results.get("derived") or {}
+    lines += [f"{k:32s} {v:,.2f}" for k, v in derived.items()]
     return "\n".join(lines)
+
+
+def derived_figures(results: dict) -> None:
+    """Ratios against the goals, from the stages that ran: ours vs timm's pipeline, and the decode threads a
+    4-GPU node needs to feed the measured per-GPU training rate."""
+    a3 = next((r for k, r in results.items() if k.startswith("bench_train_a3") and "real_images_per_s" in r), None)
+    timm = results.get("timm_pipeline_a3", {})
+    scaling = results.get("loader_scaling", {}).get("rows")
+    derived = {}
+    if a3 and "images_per_s" in timm:
+        derived["ours_vs_timm_pipeline"] = a3["real_images_per_s"] / timm["images_per_s"]
+    if a3 and scaling:
+        per_thread = max(r["images_per_s"] / r["threads"] for r in scaling)
+        derived["decode_threads_for_4_gpus"] = 4 * a3["synthetic_images_per_s"] / per_thread
+    results["derived"] = derived
 
 
 def check(argv=None) -> int:
@@ -223,7 +363,23 @@ def check(argv=None) -> int:
         def bench(name=name, config=config, per_device=per_device, timed=timed, accum=accum, overrides=overrides):
             return bench_train.run(config, beton, device.type, per_device, timed, overrides, accum)
         run_stage(results, name, bench, deadline, 90 if gpu else 30)
-    stages = {k: r for k, r in results.items() if isinstance(r, dict) and k not in ("machine", "corpus")}
+    a3_config, a3_batch, a3_timed, _, a3_overrides = next(iter(plans.values()))
+    run_stage(results, "randaugment_host_syncs", lambda: check_randaugment_syncs(device, 32 if quick else 256),
+              deadline, 10)
+    run_stage(results, "timm_pipeline_a3", lambda: timm_pipeline(a3_config, corpus, n, device, a3_batch, info["cores"],
+                                                                  a3_overrides, a3_timed), deadline, 60 if gpu else 30)
+    run_stage(results, "loader_scaling", lambda: loader_scaling(beton, info["cores"], 32 if quick else 256,
+                                                                64 if quick else 160), deadline, 60 if gpu else 30)
+    run_stage(results, "profile_a3_step", lambda: profile_step(a3_config, beton, device, a3_batch, a3_overrides,
+                                                               2 if quick else 6), deadline, 40 if gpu else 30)
+    if not quick:  # what each GPU switch buys: torch.compile, and the contiguous layout instead of channels-last
+        for name, extra in (("bench_train_a3_160px_compiled", ["--model.compile=true"]),
+                            ("bench_train_a3_160px_contiguous", ["--model.channels_last=false"])):
+            run_stage(results, name, lambda extra=extra: bench_train.run(
+                a3_config, beton, device.type, a3_batch, a3_timed, [*a3_overrides, *extra]), deadline,
+                      180 if "compiled" in name else 60)
+    derived_figures(results)
+    stages = {k: r for k, r in results.items() if isinstance(r, dict) and k not in ("machine", "corpus", "derived")}
     skipped = [k for k, r in stages.items() if "skipped" in r]
     failed = [k for k, r in stages.items() if "error" in r or (r.get("passed") is False and "skipped" not in r)]
     results["skipped"], results["failed"] = skipped, failed

@@ -12,18 +12,9 @@ import queue
 import numpy as np
 import torch
 from ffcv.fields.basics import IntDecoder
-from ffcv.fields.rgb_image import (
-    CenterCropRGBImageDecoder,
-    RandomResizedCropRGBImageDecoder,
-)
+from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
 from ffcv.loader import Loader, OrderOption
-from ffcv.transforms import (
-    RandomHorizontalFlip,
-    Squeeze,
-    ToDevice,
-    ToTensor,
-    ToTorchImage,
-)
+from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
 from ffcv.traversal_order.base import TraversalOrder
 from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import DistributedSampler

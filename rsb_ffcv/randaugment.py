@@ -200,11 +200,6 @@ def rotate(v, width, height):
     return m
 
 
-def affine_matrices(op: str, level: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    """(b, 2, 3) float64 matrices [[a, b, c], [d, e, f]] as timm passes to PIL's Image.transform/rotate."""
-    return NAME_TO_AFFINE[op](level.double(), width, height)
-
-
 def _source_coords(mats: torch.Tensor, h: int, w: int, mode: str):
     """Input coordinates (x, y) of every output pixel, as PIL's affine engines compute them: 16.16 fixed
     point for nearest with rotation/shear, floating point (pixel centres at +0.5) otherwise."""

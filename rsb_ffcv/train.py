@@ -25,12 +25,7 @@ from . import checkpoint, cli, distributed, loaders, train_config
 from .augment import TrainAugment
 from .config import ConfigError, load_config, print_config
 from .datasets.betons import open_dataset
-from .loaders import (
-    progressive_resolution,
-    set_train_resolution,
-    train_loader,
-    val_loader,
-)
+from .loaders import progressive_resolution, set_train_resolution, train_loader, val_loader
 from .recipe import (
     build_loss,
     build_model,
@@ -183,7 +178,8 @@ class Trainer:
             self.ema.load_state_dict(s["ema"])
         self.optimizer.load_state_dict(s["optimizer"])
         self.scaler.load_state_dict(s["scaler"])
-        self.scheduler.load_state_dict(s["scheduler"])
+        # The scheduler is not restored: timm's schedulers are functions of (epoch, step) and this run's config
+        # (set_epoch_lr); a checkpoint's state would bring back its own stepping unit and lengths.
         self.epoch, self.step, self.best_top1 = s["epoch"], s["step"], s["best_top1"]
         self.epoch_steps_done = s["epoch_steps_done"]
         if self.d.world == 1:

@@ -15,15 +15,7 @@ import torch
 from conftest import ROOT, make_folder, run_cli, tiny_args, torchrun
 from fastargs import get_current_config
 
-from rsb_ffcv import (
-    checkpoint,
-    distributed,
-    evaluate,
-    gpu_check,
-    gradcam,
-    loaders,
-    train,
-)
+from rsb_ffcv import checkpoint, distributed, evaluate, gpu_check, gradcam, loaders, train
 from rsb_ffcv.bench import __main__ as bench
 from rsb_ffcv.config import load_config
 from rsb_ffcv.datasets import cli as write_cli
@@ -90,6 +82,7 @@ def test_checkpoints_written_before_plain_rng_states_still_resume(demo_model, de
     """main before this change stored numpy's RNG state as an ndarray: weights_only reads it (allow-listed)."""
     ck = torch.load(demo_model / "last.pt", weights_only=True)
     ck["rng"]["numpy"] = np.random.RandomState(7).get_state()  # what rsb_ffcv wrote until 2026-11-27
+    ck["scheduler"].update(t_in_epochs=False, t_initial=15 * 31)  # and its schedulers stepped per update
     legacy = tmp_path / "legacy.pt"
     torch.save(ck, legacy)
     with pytest.raises(Exception):
@@ -100,7 +93,15 @@ def test_checkpoints_written_before_plain_rng_states_still_resume(demo_model, de
         "--logging.wandb_mode=disabled", "--training.epochs=13")[2:]])
     t = train.Trainer(cfg, distributed.init("cpu"))
     assert t.epoch == 12 and np.array_equal(np.random.get_state()[1], np.random.RandomState(7).get_state()[1])
-    t.tracker.finish()
+    t.set_epoch_lr()  # this run's schedule (one rate per epoch, 13 epochs), not the checkpoint's
+    fresh = train.Trainer(load_config(SECTIONS, ["--config", str(ROOT / "rsb_configs" / "demo.yaml"), *tiny_args(
+        demo_betons, tmp_path / "fresh", "--logging.wandb_mode=disabled", "--training.epochs=13")[2:]]),
+        distributed.init("cpu"))
+    fresh.epoch = 12
+    fresh.set_epoch_lr()
+    assert t.optimizer.param_groups[0]["lr"] == fresh.optimizer.param_groups[0]["lr"] > 1e-6
+    for x in (t, fresh):
+        x.tracker.finish()
 
 
 @pytest.fixture

@@ -21,6 +21,9 @@ def test_gpu_check_rehearses_every_stage_on_cpu(tmp_path):
     a1 = r["bench_train_a1"]["settings"]  # one process: repeated augmentation over 4 virtual ranks
     assert (a1["accumulation"], a1["repeated_aug"]) == (4, 3)
     assert len(list(out.glob("*.beton"))) == 1  # one corpus beton, shared by every stage
+    assert r["randaugment_host_syncs"]["torch_calls_that_sync"] <= 2 and r["randaugment_host_syncs"]["passed"]
+    assert r["timm_pipeline_a3"]["images_per_s"] > 0 and r["derived"]["ours_vs_timm_pipeline"] > 0
+    assert [row["threads"] for row in r["loader_scaling"]["rows"]][0] == 1 and r["profile_a3_step"]["top"]
     assert p.stdout.strip().splitlines()[-1] == "PASSED"
 
 

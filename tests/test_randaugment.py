@@ -9,6 +9,7 @@ from PIL import Image
 from scipy import stats
 from timm.data import auto_augment as aa
 
+from rsb_ffcv.bench.common import HostSyncs
 from rsb_ffcv.randaugment import FILL, OPS, RandAugment
 
 PIL_INTERP = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
@@ -172,32 +173,6 @@ def test_images_of_a_batch_draw_independently():
     assert len(np.unique(p["op"][:64, 0])) >= 10  # not one choice for the whole batch
     mags = p["magnitude"][:, 0].numpy()
     assert abs(np.corrcoef(mags[0::2], mags[1::2])[0, 1]) < 0.05
-
-
-class HostSyncs(torch.overrides.TorchFunctionMode):
-    """Counts, during a forward, the calls that make the host wait for the GPU on CUDA (reading a value:
-    item/tolist/cpu/numpy/bool, nonzero, boolean-mask indexing) and the copies of host data to the device
-    (torch.tensor(...), .to(device)): on the CPU twin of the GPU path they are calls like any other."""
-
-    READS = {"item", "tolist", "cpu", "numpy", "__bool__", "nonzero", "masked_select", "unique", "argwhere"}
-
-    def __init__(self):
-        super().__init__()
-        self.syncs, self.copies = [], []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = getattr(func, "__name__", str(func))
-        if name in self.READS:
-            self.syncs.append(name)
-        elif name in ("__getitem__", "__setitem__", "index_put_", "index_put") and any(
-                isinstance(a, torch.Tensor) and a.dtype == torch.bool
-                for a in (args[1] if isinstance(args[1], tuple) else (args[1],))):
-            self.syncs.append(f"{name}[bool mask]")
-        elif name == "tensor" or (name == "to" and any(isinstance(a, (str, torch.device)) for a in
-                                                          (*args[1:], kwargs.get("device")))):
-            self.copies.append(name)
-        return func(*args, **kwargs)
 
 
 @pytest.mark.parametrize("interpolation", ["bicubic", "random"])

@@ -8,12 +8,7 @@ from torchvision.datasets import ImageFolder
 
 from rsb_ffcv.config import ConfigError
 from rsb_ffcv.datasets import demo
-from rsb_ffcv.datasets.sources import (
-    flat_val,
-    image_folder,
-    imagenet_v2,
-    stratified_subset,
-)
+from rsb_ffcv.datasets.sources import flat_val, image_folder, imagenet_v2, stratified_subset
 
 
 def test_imagefolder_matches_torchvision(tmp_path):

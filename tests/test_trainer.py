@@ -303,4 +303,4 @@ def test_make_demo_main_job_learns_well_above_chance(tmp_path):
     top1 = float(p.stdout.strip().splitlines()[-1].split()[-1])
     assert top1 >= 80.0, p.stdout[-2000:]
     demo = json.loads(next(tmp_path.glob("runs/demo-*/demo.json")).read_text())  # what the README quotes
-    assert demo["val_top1"] == top1 and demo["seconds"] > 0 and demo["machine"]["cores"] >= 1
+    assert demo["val_top1"] == pytest.approx(top1, abs=0.005) and demo["seconds"] > 0 and demo["machine"]["cores"] >= 1

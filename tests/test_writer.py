@@ -16,12 +16,7 @@ from rsb_ffcv.config import ConfigError
 from rsb_ffcv.datasets import writer as writer_mod
 from rsb_ffcv.datasets.images import load_rgb, to_rgb
 from rsb_ffcv.datasets.sources import image_folder
-from rsb_ffcv.datasets.writer import (
-    UnreadableImages,
-    WriteError,
-    WriteOptions,
-    write_beton,
-)
+from rsb_ffcv.datasets.writer import UnreadableImages, WriteError, WriteOptions, write_beton
 
 
 def read_back(path):

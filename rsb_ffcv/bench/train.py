@@ -11,6 +11,7 @@ present; on a CPU the default is a small model at a lower resolution (a ResNet-5
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import shlex
 import tempfile
@@ -101,9 +102,10 @@ def measure(trainer: Trainer, steps: int) -> dict:
             "data_wait_fraction": real["data_wait_fraction"], "timed_steps": real["steps"]}
 
 
-def run(config: str, beton: str, device: str, batch: int, steps: int, overrides=(), accum: int = 1) -> dict:
-    """Build the trainer from `config` + `overrides` on `beton` (per-device batch `batch`, `accum`
-    micro-batches per step: the virtual-rank data order of `accum` GPUs), measure; figures and settings."""
+@contextlib.contextmanager
+def bench_trainer(config: str, beton: str, device: str, batch: int, overrides=(), accum: int = 1):
+    """The trainer from `config` + `overrides` on `beton`: per-device batch `batch`, `accum` micro-batches
+    per step (the virtual-rank data order of `accum` GPUs), W&B off, a temporary run directory."""
     d = distributed.init(device, key="bench.device")
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = load_config(train_config.SECTIONS, [
@@ -112,18 +114,31 @@ def run(config: str, beton: str, device: str, batch: int, steps: int, overrides=
             "--logging.wandb_mode=disabled", f"--logging.run_dir={run_dir}", "--resolution.progressive_start=0",
             *overrides], prog="bench train")
         trainer = Trainer(cfg, d)
-        if d.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(d.device)
+        try:
+            yield trainer
+        finally:
+            trainer.tracker.finish(0)
+
+
+def settings_of(trainer: Trainer) -> dict:
+    cfg = trainer.cfg
+    return {"arch": cfg["model.arch"], "resolution": cfg["resolution.train"], "batch": trainer.micro_batch,
+            "accumulation": trainer.accum, "repeated_aug": cfg["training.repeated_aug"],
+            "precision": trainer.precision.name, "compile": cfg["model.compile"],
+            "channels_last": cfg["model.channels_last"], "rand_augment": cfg["augment.rand_augment"],
+            "decoder": cfg["data.decoder"], "loader_workers": cfg["data.num_workers"] or trainer.compute_threads}
+
+
+def run(config: str, beton: str, device: str, batch: int, steps: int, overrides=(), accum: int = 1) -> dict:
+    """Measure the trainer built by bench_trainer: figures and settings."""
+    with bench_trainer(config, beton, device, batch, overrides, accum) as trainer:
+        gpu = trainer.device.type == "cuda"
+        if gpu:
+            torch.cuda.reset_peak_memory_stats(trainer.device)
         figures = measure(trainer, steps)
-        trainer.tracker.finish(0)
-    if d.device.type == "cuda":
-        figures["gpu_max_memory_gib"] = torch.cuda.max_memory_allocated(d.device) / 2**30
-    settings = {"config": config, "arch": cfg["model.arch"], "resolution": cfg["resolution.train"], "batch": batch,
-                "accumulation": trainer.accum, "repeated_aug": cfg["training.repeated_aug"], "steps": steps,
-                "precision": trainer.precision.name, "compile": cfg["model.compile"],
-                "channels_last": cfg["model.channels_last"], "rand_augment": cfg["augment.rand_augment"],
-                "decoder": cfg["data.decoder"], "loader_workers": cfg["data.num_workers"] or trainer.compute_threads}
-    return {**figures, "settings": settings}
+        if gpu:
+            figures["gpu_max_memory_gib"] = torch.cuda.max_memory_allocated(trainer.device) / 2**30
+        return {**figures, "settings": {"config": config, "steps": steps, **settings_of(trainer)}}
 
 
 def main(argv=None):
