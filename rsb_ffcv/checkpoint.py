@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .cli import first_line
 from .config import ConfigError
 from .files import atomic_path
 
@@ -88,7 +89,7 @@ def load_file(path: str | os.PathLike, trust: bool = False, trust_flag: str = ""
         try:
             return torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e:
-            raise ConfigError(f"{what} '{path}' cannot be read ({_first_line(e)})") from None
+            raise ConfigError(f"{what} '{path}' cannot be read ({first_line(e)})") from None
     try:
         with torch.serialization.safe_globals(_LEGACY_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -98,14 +99,9 @@ def load_file(path: str | os.PathLike, trust: bool = False, trust_flag: str = ""
             raise ConfigError(
                 f"{what} '{path}' needs Python objects beyond tensors ({', '.join(names[:4])}): loading it could run "
                 f"code, so it was not loaded; if you trust this file, set {trust_flag}=true") from None
-        raise ConfigError(f"{what} '{path}' cannot be read ({_first_line(e)})") from None
+        raise ConfigError(f"{what} '{path}' cannot be read ({first_line(e)})") from None
     except Exception as e:
-        raise ConfigError(f"{what} '{path}' cannot be read ({_first_line(e)})") from None
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+        raise ConfigError(f"{what} '{path}' cannot be read ({first_line(e)})") from None
 
 
 def _download_wandb(spec: str, key: str) -> Path:
@@ -117,7 +113,7 @@ def _download_wandb(spec: str, key: str) -> Path:
         artifact = wandb.Api(timeout=30).artifact(name, type="model")
         folder = Path(artifact.download(root=tempfile.mkdtemp(prefix="rsb_ffcv_ckpt_")))
     except Exception as e:  # no network, no credentials, unknown artifact
-        raise ConfigError(f"{key} '{spec}': cannot download the W&B artifact ({_first_line(e)})") from None
+        raise ConfigError(f"{key} '{spec}': cannot download the W&B artifact ({first_line(e)})") from None
     found = sorted(folder.glob("*.pt"))
     if not found:
         raise ConfigError(f"{key} '{spec}': the artifact holds no .pt checkpoint")

@@ -22,6 +22,12 @@ class RunFailure(RuntimeError):
     every_rank = False
 
 
+def first_line(e: BaseException) -> str:
+    """An exception's message as one line (its first), or its type's name when it has none."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 

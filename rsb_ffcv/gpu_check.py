@@ -144,7 +144,7 @@ def profile_step(config: str, beton: str, device: torch.device, batch: int, over
     from torch.profiler import ProfilerActivity, profile
     with bench_train.bench_trainer(config, beton, device.type, batch, overrides) as t:
         t.train_model.train()
-        images, labels = first_batch(t)
+        images, labels = bench_train.first_batch(t)
         for _ in range(3):  # warm-up (cuDNN autotuning, allocator)
             t.forward_backward(images, labels)
             t.optimizer_step()
@@ -168,22 +168,15 @@ def profile_step(config: str, beton: str, device: torch.device, batch: int, over
     return result
 
 
-def timm_pipeline(config: str, corpus: Path, n: int, device: torch.device, batch: int, cores: int, overrides,
-                  steps: int) -> dict:
+def timm_pipeline(config: str, beton: str, corpus: Path, n: int, device: torch.device, batch: int, cores: int,
+                  overrides, steps: int) -> dict:
     """timm's A3 input pipeline (ImageFolder + create_transform(RandAugment, bicubic) in a DataLoader with
     every core, pinned memory) feeding the same model step on the same device: images/s, timed inside the
     epoch after 3 batches. Mixup/CutMix as timm's Mixup on the device, BCE as the recipe."""
-    from timm.data import create_transform
-    from torchvision.datasets import ImageFolder
-    with bench_train.bench_trainer(config, str(corpus_beton(corpus, n, "proportion", cores)), device.type, batch,
-                                   overrides) as t:
-        cfg = t.cfg
-        tf = create_transform(cfg["resolution.train"], is_training=True, auto_augment=cfg["augment.rand_augment"],
-                              interpolation="bicubic", color_jitter=None)
-        folder = ImageFolder(str(corpus), transform=tf,
-                             is_valid_file=lambda f: f.endswith(".JPEG") and int(Path(f).stem[3:]) < n)
-        loader = torch.utils.data.DataLoader(folder, batch_size=batch, shuffle=True, num_workers=cores,
-                                             pin_memory=device.type == "cuda", drop_last=True)
+    from .bench.loader import timm_loader
+    with bench_train.bench_trainer(config, beton, device.type, batch, overrides) as t:
+        loader = timm_loader(str(corpus), n, t.cfg["resolution.train"], batch, cores, rand_augment=True,
+                             pin_memory=device.type == "cuda")
         t.train_model.train()
         timed = images = 0
         t0 = None
@@ -214,15 +207,6 @@ def trainer_for(beton: str, run_dir: str, d, *extra: str) -> Trainer:
     return Trainer(cfg, d)
 
 
-def first_batch(t: Trainer):
-    """A copy of the first training batch; the loader's threads are stopped."""
-    it = epoch(t.train_loader, t.compute_threads)
-    try:
-        return tuple(v.clone() for v in next(it))
-    finally:
-        it.close()
-
-
 def check_training(beton: str, d, arch: str, compile_model: bool, steps: int) -> dict:
     """Overfit one batch: no augmentation or mixing, so the loss must fall; then one A3 step with
     RandAugment + Mixup/CutMix + BCE on the device."""
@@ -231,7 +215,7 @@ def check_training(beton: str, d, arch: str, compile_model: bool, steps: int) ->
                         "--training.batch_size=64", "--lr.warmup_epochs=0", "--lr.lr=0.005",
                         "--augment.rand_augment=", "--augment.mixup_alpha=0", "--augment.cutmix_alpha=0")
         t.train_model.train()
-        images, labels = first_batch(t)
+        images, labels = bench_train.first_batch(t)
         t0 = time.perf_counter()
         losses = []
         for _ in range(steps):
@@ -242,7 +226,7 @@ def check_training(beton: str, d, arch: str, compile_model: bool, steps: int) ->
     with tempfile.TemporaryDirectory() as run_dir:
         t = trainer_for(beton, run_dir, d, f"--model.arch={arch}", "--training.batch_size=64")
         t.train_model.train()
-        images, labels = first_batch(t)
+        images, labels = bench_train.first_batch(t)
         x, y = t.augment(images, labels)
         mixed = bool(y.dtype.is_floating_point and y.shape == (64, len(t.classes)))
         a3_loss = float(t.forward_backward(images, labels))
@@ -366,8 +350,9 @@ def check(argv=None) -> int:
     a3_config, a3_batch, a3_timed, _, a3_overrides = next(iter(plans.values()))
     run_stage(results, "randaugment_host_syncs", lambda: check_randaugment_syncs(device, 32 if quick else 256),
               deadline, 10)
-    run_stage(results, "timm_pipeline_a3", lambda: timm_pipeline(a3_config, corpus, n, device, a3_batch, info["cores"],
-                                                                  a3_overrides, a3_timed), deadline, 60 if gpu else 30)
+    run_stage(results, "timm_pipeline_a3", lambda: timm_pipeline(a3_config, beton, corpus, n, device, a3_batch,
+                                                                  info["cores"], a3_overrides, a3_timed),
+              deadline, 60 if gpu else 30)
     run_stage(results, "loader_scaling", lambda: loader_scaling(beton, info["cores"], 32 if quick else 256,
                                                                 64 if quick else 160), deadline, 60 if gpu else 30)
     run_stage(results, "profile_a3_step", lambda: profile_step(a3_config, beton, device, a3_batch, a3_overrides,

@@ -18,6 +18,7 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
+from .cli import first_line
 from .config import ConfigError
 
 PROBE_TIMEOUT_S = 5.0
@@ -100,9 +101,8 @@ class Tracker:
             except Exception as e:  # the server answered the probe but refused the run (key, entity, quota)
                 if self.mode == "offline" or mode == "online":
                     self.jsonl.close()
-                    raise ConfigError(f"W&B could not start a run ({type(e).__name__}: "
-                                      f"{str(e).splitlines()[0] if str(e) else ''}): set {key}=offline or "
-                                      f"disabled") from None
+                    raise ConfigError(f"W&B could not start a run ({type(e).__name__}: {first_line(e)}): set "
+                                      f"{key}=offline or disabled") from None
                 print(offline_note(key, f"{type(e).__name__} from wandb.init"), flush=True)
                 self.mode = "offline"
                 self.run = wandb.init(mode="offline", **kwargs)

@@ -80,11 +80,17 @@ def generate(root: str | os.PathLike, n: int, classes: int = 10, seed: int = 0, 
     return {"images": n, "classes": classes, "mean_kb": round(float(np.mean(sizes)) / 1024, 1)}
 
 
+def among_first(path: str | os.PathLike, n: int) -> bool:
+    """Whether a corpus file is one of its first n images (the folder may hold more, from a larger n)."""
+    name = Path(path)
+    return name.suffix == ".JPEG" and int(name.stem[len("img"):]) < n
+
+
 def corpus_source(root: str | os.PathLike, n: int):
-    """The first n images of the corpus as a writer Source (the folder may hold more, from a larger n)."""
+    """The first n images of the corpus as a writer Source."""
     from ..datasets.sources import image_folder
     source = image_folder(root)
-    return source.select([i for i, f in enumerate(source.files) if int(Path(f).stem[3:]) < n])
+    return source.select([i for i, f in enumerate(source.files) if among_first(f, n)])
 
 
 def corpus_beton(root: str | os.PathLike, n: int, write_mode: str = "proportion", workers: int = 0) -> str:

@@ -34,7 +34,7 @@ from ..config import load_config
 from ..loaders import epoch, train_loader
 from ..randaugment import RandAugment
 from .common import describe, machine, save
-from .corpus import corpus_beton, generate
+from .corpus import among_first, corpus_beton, generate
 
 RAND_AUGMENT = "rand-m6-mstd0.5-inc1"  # A3's
 Section("bench_loader", "the loader benchmark (A3 settings)").params(
@@ -127,15 +127,16 @@ def timed_epochs(batches, epochs: int, augment=None) -> tuple[float, float]:
     return n / (time.perf_counter() - t0), n / (cpu_seconds() - c0)
 
 
-def timm_loader(corpus: str, n: int, res: int, batch: int, cores: int, rand_augment: bool):
-    """timm's A3 input pipeline on the first n corpus images (the betons hold the same ones)."""
+def timm_loader(corpus: str, n: int, res: int, batch: int, cores: int, rand_augment: bool, pin_memory: bool = False):
+    """timm's A3 input pipeline on the first n corpus images (the betons hold the same ones); pin_memory for
+    a GPU, as timm's loader does."""
     from timm.data import create_transform
     from torchvision.datasets import ImageFolder
     tf = create_transform(res, is_training=True, auto_augment=RAND_AUGMENT if rand_augment else None,
                           interpolation="bicubic", color_jitter=None)
-    folder = ImageFolder(corpus, transform=tf, is_valid_file=lambda f: f.endswith(".JPEG") and int(Path(f).stem[3:]) < n)
+    folder = ImageFolder(corpus, transform=tf, is_valid_file=lambda f: among_first(f, n))
     return torch.utils.data.DataLoader(folder, batch_size=batch, shuffle=True, num_workers=cores,
-                                       persistent_workers=True, drop_last=True)
+                                       persistent_workers=True, drop_last=True, pin_memory=pin_memory)
 
 
 def main(argv=None):

@@ -81,11 +81,18 @@ def timed_steps(trainer: Trainer, epochs, steps: int) -> dict:
     return {"images_per_s": images / seconds, "data_wait_fraction": wait / seconds, "steps": timed}
 
 
+def first_batch(trainer: Trainer) -> tuple:
+    """A copy of the first training batch (FFCV reuses its buffers); the loader's threads are stopped."""
+    it = loaders.epoch(trainer.train_loader, trainer.compute_threads)
+    try:
+        return tuple(t.clone() for t in next(it))
+    finally:
+        it.close()
+
+
 def measure(trainer: Trainer, steps: int) -> dict:
     trainer.train_model.train()
-    it = loaders.epoch(trainer.train_loader, trainer.compute_threads)
-    fixed = tuple(t.clone() for t in next(it))  # FFCV reuses its buffers: keep a copy
-    it.close()
+    fixed = first_batch(trainer)
 
     def synthetic_epochs():
         return iter([fixed] * (WARMUP_BATCHES + steps))

@@ -13,6 +13,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from ..cli import first_line
+
 _SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 
 
@@ -62,8 +64,7 @@ def check_image(path: str) -> tuple[str, str | None, tuple[int, int] | None]:
         arr = load_rgb(path)
         return path, None, (arr.shape[1], arr.shape[0])
     except Exception as e:  # PIL raises many types; every one is a reason to list the file
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        return path, f"{type(e).__name__}: {msg}", None
+        return path, f"{type(e).__name__}: {first_line(e)}", None
 
 
 def validate_images(paths: list[str], num_workers: int,
