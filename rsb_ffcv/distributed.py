@@ -25,10 +25,17 @@ class Dist:
 
     def all_sum(self, values: list[float]) -> list[float]:
         """Sum floats over ranks (for counts and totals; exact in float64)."""
+        return self._all_reduce(values, dist.ReduceOp.SUM)
+
+    def all_min(self, values: list[float]) -> list[float]:
+        """The smallest of each float over ranks (for decisions every rank must share)."""
+        return self._all_reduce(values, dist.ReduceOp.MIN)
+
+    def _all_reduce(self, values: list[float], op) -> list[float]:
         if self.world == 1:
             return values
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
+        dist.all_reduce(t, op=op)
         return t.tolist()
 
 

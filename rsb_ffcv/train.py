@@ -26,6 +26,7 @@ from .augment import TrainAugment
 from .config import ConfigError, load_config, print_config
 from .datasets.betons import open_dataset
 from .loaders import progressive_resolution, set_train_resolution, train_loader, val_loader
+from .memory import plan_reads
 from .recipe import (
     build_loss,
     build_model,
@@ -122,15 +123,17 @@ class Trainer:
         random.seed(seed + d.rank)
         self.compute_threads = max(1, len(os.sched_getaffinity(0)) // d.local_world)
         workers = cfg["data.num_workers"] or self.compute_threads
-        common = dict(num_workers=workers, os_cache=cfg["data.os_cache"], batches_ahead=cfg["data.batches_ahead"],
-                      decoder=cfg["data.decoder"])
+        common = dict(num_workers=workers, batches_ahead=cfg["data.batches_ahead"], decoder=cfg["data.decoder"])
+        reads = plan_reads(cfg["data.train_dataset"], cfg["data.in_memory"], cfg["data.shuffle_window_mib"],
+                           d.local_world, agree_min=d.all_min)
+        self.log(reads.line)
         self.train_loader, self.decoder = train_loader(
             cfg["data.train_dataset"], self.micro_batch, cfg["resolution.train"], self.device, seed=seed,
             repeats=cfg["training.repeated_aug"], rank=d.rank, world=d.world, accum=self.accum,
-            interpolation=cfg["data.train_interpolation"], **common)
+            window_pages=reads.window_pages, interpolation=cfg["data.train_interpolation"], **common)
         self.val_loader = val_loader(cfg["data.val_dataset"], self.micro_batch, cfg["resolution.test"],
                                      cfg["resolution.test_crop_ratio"], self.device, rank=d.rank, world=d.world,
-                                     interpolation=cfg["data.test_interpolation"], **common)
+                                     os_cache=True, interpolation=cfg["data.test_interpolation"], **common)
         self.augment = TrainAugment(len(self.classes), cfg["augment.rand_augment"], cfg["augment.interpolation"],
                                     cfg["augment.mixup_alpha"], cfg["augment.cutmix_alpha"],
                                     cfg["augment.mixup_prob"], cfg["augment.mixup_switch_prob"],

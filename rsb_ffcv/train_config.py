@@ -10,8 +10,14 @@ Section("data", "FFCV datasets and loading").params(
     train_dataset=Param(str, "train .beton (its .json sidecar gives the classes)", required=True),
     val_dataset=Param(str, "val .beton", required=True),
     num_workers=Param(int, "FFCV decode threads per process; 0 = available cores / local processes", default=0),
-    os_cache=Param(BoolStr(), "memory-map the beton through the OS page cache (best when it fits in RAM, "
-                              "and shared by the processes of a node)", default=True),
+    in_memory=Param(Choice(["auto", "true", "false"]),
+                    "how the train beton is read (always memory-mapped: the processes of a node share one copy in "
+                    "the page cache). true: exact random order (the beton should fit in RAM); false: page-local "
+                    "order, windows of pages read in turn, each page about once per epoch per node (betons larger "
+                    "than RAM); auto: true when the beton fits in the node's available memory (cgroup limits "
+                    "included) less 2 GiB per local process, decided once by all ranks and printed", default="auto"),
+    shuffle_window_mib=Param(int, "page-local order: MiB of beton pages shuffled together (0 = a quarter of the "
+                                  "available memory); larger mixes classes better", default=0),
     batches_ahead=Param(int, "batches FFCV prepares ahead of the training step", default=3),
     decoder=Param(Choice(["fast", "ffcv"]), "fast: our crop decoder (torchvision-exact crops, DCT-scaled decode, "
                                          "antialiased resize); ffcv: FFCV's stock decoders", default="fast"),

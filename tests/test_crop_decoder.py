@@ -216,7 +216,7 @@ def test_random_train_interpolation_draws_per_image_like_timm(photo_betons):
 def test_train_loader_delivers_channels_last_uint8(photo_betons, decoder):
     _, betons = photo_betons
     loader, dec = train_loader(str(betons["jpg"]), 3, 64, torch.device("cpu"), num_workers=1, seed=0, repeats=0,
-                               rank=0, world=1, os_cache=False, batches_ahead=1, decoder=decoder)
+                               rank=0, world=1, batches_ahead=1, decoder=decoder)
     x, y = next(epoch(loader, 1))
     assert x.shape == (3, 3, 64, 64) and x.dtype == torch.uint8 and x.is_contiguous(memory_format=torch.channels_last)
     assert x.float().std() > 10  # real content, not an empty buffer

@@ -96,7 +96,7 @@ def test_a_signal_on_some_ranks_stops_all_at_one_step_and_resume_matches(straigh
 
 def _device_batches(demo, world, rank, accum, repeats, epoch=2, batch=8):
     loader, _ = loaders.train_loader(f"{demo}/train.beton", batch, 32, torch.device("cpu"), num_workers=1, seed=5,
-                                     repeats=repeats, rank=rank, world=world, accum=accum, os_cache=False,
+                                     repeats=repeats, rank=rank, world=world, accum=accum,
                                      batches_ahead=1)
     return loader.traversal_order.sample_order(epoch).reshape(-1, batch).tolist()
 

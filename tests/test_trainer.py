@@ -125,7 +125,7 @@ def test_lr_per_update_equals_timm_cosine_formula(demo_betons, tmp_path):
 @pytest.mark.parametrize("world,rank,epoch,seed", [(3, 0, 0, 0), (3, 1, 3, 7), (4, 2, 1, 0)])
 def test_repeated_aug_order_equals_timm_sampler(demo_betons, world, rank, epoch, seed):
     loader, _ = train_loader(f"{demo_betons}/train.beton", 8, 32, torch.device("cpu"), num_workers=1, seed=seed,
-                             repeats=3, rank=rank, world=world, os_cache=False, batches_ahead=1)
+                             repeats=3, rank=rank, world=world, batches_ahead=1)
     sampler = RepeatAugSampler(range(240), num_replicas=world, rank=rank, num_repeats=3)
     sampler.set_epoch(seed + epoch)
     whole_batches = len(sampler) // 8 * 8  # the partial last batch is dropped
@@ -136,7 +136,7 @@ def test_repeated_aug_order_equals_timm_sampler(demo_betons, world, rank, epoch,
 def test_repeated_aug_spreads_copies_across_ranks(demo_betons):
     # With 3 repeats on 3 ranks every rank sees the same images, each once: the copies went to other ranks.
     orders = [train_loader(f"{demo_betons}/train.beton", 8, 32, torch.device("cpu"), num_workers=1, seed=0, repeats=3,
-                           rank=r, world=3, os_cache=False, batches_ahead=1)[0].traversal_order.sample_order(5).tolist()
+                           rank=r, world=3, batches_ahead=1)[0].traversal_order.sample_order(5).tolist()
               for r in range(3)]
     assert orders[0] == orders[1] == orders[2] and len(set(orders[0])) == len(orders[0]) == 80
 

@@ -83,7 +83,7 @@ class DecodeOnly(SimpleRGBImageDecoder):
 def trainer_loader(beton: str, decoder: str, res: int, batch: int, cores: int, region_decode: bool = True):
     """The trainer's own train loader (CPU side)."""
     loader, _ = train_loader(beton, batch, res, torch.device("cpu"), num_workers=cores, seed=0, repeats=0, rank=0,
-                             world=1, os_cache=True, batches_ahead=3, decoder=decoder, region_decode=region_decode)
+                             world=1, batches_ahead=3, decoder=decoder, region_decode=region_decode)
     return loader
 
 
