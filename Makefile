@@ -4,10 +4,12 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 SYSTEM_PKGS := libopencv-dev libturbojpeg0-dev libjpeg-dev pkg-config build-essential
+# What the tests need besides: headless Chromium opens the report page (tests/test_report.py).
+TEST_PKGS := chromium
 # The CPU/CUDA torch build served from local disk on our machines; elsewhere pip resolves current releases.
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install system-deps demo test bench clean
+.PHONY: install system-deps test-deps demo test test-fast bench clean
 install: $(STAMP)
 
 # FFCV 1.0.2 ships only an sdist that compiles against OpenCV and libjpeg-turbo found through pkg-config;
@@ -26,11 +28,22 @@ $(STAMP): pyproject.toml setup.py rsb_ffcv/_jpeg.c | system-deps
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+test-deps:
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(TEST_PKGS); \
+	elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(TEST_PKGS); \
+	else echo "error: the tests need system packages; run: sudo apt-get update && sudo apt-get install -y $(TEST_PKGS)" >&2; exit 1; fi
+
 demo: install
 	$(PY) -m rsb_ffcv.demo
 
-test: install
+# Everything (about 15 minutes on 2 cores); test-fast leaves out the tests marked slow (multi-process, cgroup,
+# report and end-to-end runs) for everyday edits.
+test: install test-deps
 	$(PY) -m pytest -q tests
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" tests
 
 clean:
 	rm -rf $(VENV) data runs wandb bench_out

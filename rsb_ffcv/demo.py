@@ -1,7 +1,7 @@
-"""`make demo`: the main job on the bundled demo data — write the demo betons, then train on them.
+"""`make demo`: the main job on the bundled demo data — write the demo betons, train on them, report the run.
 
-Besides the run itself (runs/demo-<time>/), writes demo.json there: val top-1, wall time, the machine: the
-figure the README quotes (python -m rsb_ffcv.bench figures)."""
+Besides the run itself (runs/demo-<time>/), writes demo.json there (val top-1, wall time, the machine: the
+figure the README quotes, python -m rsb_ffcv.bench figures) and the run's report (report/index.html there)."""
 import json
 import sys
 import time
@@ -10,6 +10,7 @@ from pathlib import Path
 from .bench.common import machine
 from .datasets.cli import main as write_main
 from .files import save_json
+from .report import main as report_main
 from .train import main as train_main
 
 
@@ -28,6 +29,9 @@ def main(argv=None) -> int:
             save_json(run_dir / "demo.json", {"benchmark": "demo", "machine": machine(), "command": "make demo",
                                               "val_top1": vals[-1]["val/top1"], "epochs": len(vals),
                                               "seconds": round(time.perf_counter() - t0, 1)})
+    if rc == 0:
+        rc = report_main([f"--report.runs={run_dir}", f"--report.out={run_dir / 'report'}",
+                          "--report.title=rsb_ffcv demo run (resnet10t on the demo data)"])
     return rc
 
 

@@ -106,13 +106,19 @@ def train_loader(path: str, batch_size: int, resolution: int, device: torch.devi
     return loader, stages[0]
 
 
+def buffer_bytes(batch_size: int, resolution: int, batches_ahead: int) -> int:
+    """Host memory one process's loaders allocate for batches: FFCV's ring of batches_ahead + 2 slots, for the
+    decoder's output and for ToTensor/ToDevice's (pinned on GPUs), of uint8 RGB images."""
+    return 2 * (batches_ahead + 2) * batch_size * resolution * resolution * 3
+
+
 def set_train_resolution(decoder, resolution: int) -> None:
     """Progressive resizing: FFCV reallocates from output_size at the next epoch, no recompilation."""
     decoder.output_size = (resolution, resolution)
 
 
 def val_loader(path: str, batch_size: int, resolution: int, crop_ratio: float, device: torch.device, *,
-               num_workers: int, rank: int, world: int, os_cache: bool, batches_ahead: int,
+               num_workers: int, rank: int, world: int, batches_ahead: int, os_cache: bool = True,
                decoder: str = "fast", interpolation: str = "bicubic", indices=None):
     """Sequential, every record once across ranks: rank r reads records r, r+world, ... (no padding), or
     only the given record `indices`, in that order."""

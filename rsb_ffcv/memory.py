@@ -18,9 +18,9 @@ from pathlib import Path
 from .config import ConfigError
 
 NO_LIMIT = 1 << 60  # cgroup v1 writes "no limit" as 2**63 rounded down to a page
-PROCESS_RESERVE = 2 << 30  # what one training process may still allocate after the decision (loader buffers,
-#                            pinned memory, CUDA's host allocations): kept out of the beton's share
-WINDOW_SHARE = 4  # the page-local order's window is at most this fraction of the available memory
+PROCESS_SLACK = 512 << 20  # what a process allocates after the decision besides its loader's batch buffers (numba's
+#                             compiled code, threads, allocator slack: 54-67 MiB measured on the CPU), with margin
+WINDOW_SHARE = 8  # the page-local window: this fraction of the memory left for the page cache (<= 4 resident)
 
 
 def meminfo_available() -> int:
@@ -105,18 +105,24 @@ class ReadPlan:
     line: str
 
 
-def plan_reads(beton: str, setting: str, window_mib: int, local_world: int, agree_min=None) -> ReadPlan:
-    """Decide `data.in_memory` (auto | true | false) for the training beton. `agree_min` (Dist.all_min) makes
-    every rank take the same decision: it fits only if it fits on every node, and the smallest window wins."""
-    from ffcv.reader import Reader
+def plan_reads(beton: str, setting: str, window_mib: int, local_world: int, process_bytes: int = 0,
+               agree_min=None) -> ReadPlan:
+    """Decide `data.in_memory` (auto | true | false) for the training beton. Each of the node's `local_world`
+    processes will still allocate `process_bytes` (its loader's buffers: loaders.buffer_bytes) + PROCESS_SLACK; what
+    is left of the available memory is the page cache's: the beton fits if it fits there, else the page-local
+    window is an eighth of it (WINDOW_SHARE). `agree_min` (Dist.all_min) makes every rank take the same decision:
+    it fits only if it fits on every node, and the smallest window wins."""
+    import numpy as np
+    from ffcv.types import HeaderType
     if setting not in ("auto", "true", "false"):
         raise ConfigError(f"data.in_memory: got '{setting}', expected auto, true or false")
     size = os.path.getsize(beton)
-    page_size = int(Reader(beton).page_size)
+    page_size = int(np.fromfile(beton, dtype=HeaderType, count=1)[0]["page_size"])  # the header alone
     avail, where = available_memory()
-    share = max(0, avail - local_world * PROCESS_RESERVE)
+    reserve = process_bytes + PROCESS_SLACK
+    share = max(0, avail - local_world * reserve)
     fits = size <= share
-    window_bytes = window_mib * 2**20 if window_mib > 0 else avail // WINDOW_SHARE
+    window_bytes = window_mib * 2**20 if window_mib > 0 else share // WINDOW_SHARE
     if agree_min is not None:
         fits, window_bytes = agree_min([float(fits), float(window_bytes)])
         fits, window_bytes = bool(fits), int(window_bytes)
@@ -124,13 +130,14 @@ def plan_reads(beton: str, setting: str, window_mib: int, local_world: int, agre
     window_pages = int(min(pages, max(1, window_bytes // page_size)))
     in_memory = fits if setting == "auto" else setting == "true"
     facts = (f"'{Path(beton).name}' is {gib(size)}; {gib(avail)} available ({where}), {gib(share)} after "
-             f"{gib(PROCESS_RESERVE)} for each of {local_world} local process(es)")
+             f"{gib(reserve)} for each of {local_world} local process(es)")
     if in_memory:
         line = f"data.in_memory={setting}: {facts} -> memory-mapped, exact random order"
         if not fits:
             line += " (it does not fit: pages will be read from storage more than once per epoch)"
         return ReadPlan(True, 0, line)
-    line = (f"data.in_memory={setting}: {facts} -> page-local order, windows of {window_pages} pages x "
+    line = (f"data.in_memory={setting}: {facts} -> page-local order, windows of {window_pages} "
+            f"page{'s' if window_pages > 1 else ''} x "
             f"{page_size // 2**20} MiB ({gib(window_pages * page_size)}) read in turn through the shared page cache")
     return ReadPlan(False, window_pages, line)
 
@@ -138,42 +145,48 @@ def plan_reads(beton: str, setting: str, window_mib: int, local_world: int, agre
 class PageWindows:
     """The page-local order's windows in the page cache, driven by the batches this process consumes.
 
-    On reaching window w it asks the kernel to read window w + 1 (posix_fadvise WILLNEED: whole pages read
-    ahead, instead of 128 KiB page faults during decoding) and releases the windows before w - 1: unmapped
-    from this process (madvise DONTNEED), then dropped from the page cache (fadvise DONTNEED drops the pages no
-    process maps any more). Without the release, a memory cgroup under pressure evicts the read-ahead pages of
-    the current window before the finished windows' (pages mapped and used once look active to the kernel),
-    and the beton is fetched about 1.6x per epoch instead of once. At most windows w - 1, w and w + 1 are
-    resident: three windows, within the `WINDOW_SHARE` of the available memory the window is sized from.
+    Ahead: the windows FFCV's loader thread will reach (it prepares up to `lead` batches beyond the one consumed)
+    are read with posix_fadvise(WILLNEED) before the thread needs them: whole pages read in one go instead of
+    128 KiB page faults during decoding. Behind: a window is released once every batch that holds its records is
+    `behind` batches in the past (the other ranks of the node may be that far behind: one or two optimizer steps):
+    unmapped from this process (madvise DONTNEED), then dropped from the page cache (fadvise DONTNEED drops the
+    pages no process maps any more). Without the release a memory cgroup under pressure evicts read-ahead pages of
+    the current window before the finished windows' (pages mapped and used once look active to the kernel) and the
+    beton was fetched 1.65x per epoch instead of once; releasing by window instead of by batch dropped pages that
+    another rank still had to read when windows are smaller than a step (2.4x).
     """
 
-    def __init__(self, reader, window_pages: list, batch_windows):
-        self.page_size, self.pages, self.batch_windows = int(reader.page_size), window_pages, batch_windows
+    def __init__(self, reader, window_pages: list, first_windows, last_windows, lead: int, behind: int):
+        """first_windows/last_windows: the first and last window of each batch of this process's epoch."""
+        self.page_size, self.pages = int(reader.page_size), window_pages
+        self.first_windows, self.last_windows, self.lead, self.behind = first_windows, last_windows, lead, behind
         self.size = os.path.getsize(reader.file_name)
         self.fd = os.open(reader.file_name, os.O_RDONLY)
         self.mapping: mmap.mmap | None = None
-        self.batch, self.current, self.released = 0, -1, 0
+        self.batch, self.read_ahead, self.released = 0, -1, 0
 
     def attach(self, mapping) -> None:
         """Start of the epoch: the loader's memory map (FFCV's np.memmap), and the first windows read ahead."""
         self.mapping = getattr(mapping, "_mmap", None)
-        if len(self.batch_windows):
-            self._enter(int(self.batch_windows[0]))
+        self._step(0)
 
     def on_batch(self) -> None:
         """The consumer took the next batch."""
-        if self.batch < len(self.batch_windows) and self.batch_windows[self.batch] != self.current:
-            self._enter(int(self.batch_windows[self.batch]))
         self.batch += 1
+        self._step(self.batch)
 
-    def _enter(self, window: int) -> None:
-        if self.current < 0:
-            self._advise(window, os.POSIX_FADV_WILLNEED)
-        self.current = window
-        self._advise(window + 1, os.POSIX_FADV_WILLNEED)
-        while self.released < window - 1:
-            self._advise(self.released, os.POSIX_FADV_DONTNEED)
-            self.released += 1
+    def _step(self, batch: int) -> None:
+        n = len(self.last_windows)
+        if batch >= n:
+            return
+        ahead = int(self.last_windows[min(batch + self.lead, n - 1)]) + 1
+        while self.read_ahead < ahead:
+            self.read_ahead += 1
+            self._advise(self.read_ahead, os.POSIX_FADV_WILLNEED)
+        if batch >= self.behind:
+            while self.released < int(self.first_windows[batch - self.behind]):
+                self._advise(self.released, os.POSIX_FADV_DONTNEED)
+                self.released += 1
 
     def _advise(self, window: int, advice: int) -> None:
         if window >= len(self.pages):
@@ -188,7 +201,8 @@ class PageWindows:
             os.posix_fadvise(self.fd, start, length, advice)
 
     def __del__(self):
-        os.close(self.fd)
+        if getattr(self, "fd", None) is not None:
+            os.close(self.fd)
 
 
 def file_residency(pid: int | str, path: str) -> dict[str, int]:

@@ -25,7 +25,8 @@ from . import checkpoint, cli, distributed, loaders, train_config
 from .augment import TrainAugment
 from .config import ConfigError, load_config, print_config
 from .datasets.betons import open_dataset
-from .loaders import progressive_resolution, set_train_resolution, train_loader, val_loader
+from .files import save_json
+from .loaders import buffer_bytes, progressive_resolution, set_train_resolution, train_loader, val_loader
 from .memory import plan_reads
 from .recipe import (
     build_loss,
@@ -124,8 +125,11 @@ class Trainer:
         self.compute_threads = max(1, len(os.sched_getaffinity(0)) // d.local_world)
         workers = cfg["data.num_workers"] or self.compute_threads
         common = dict(num_workers=workers, batches_ahead=cfg["data.batches_ahead"], decoder=cfg["data.decoder"])
+        train_res = max(cfg["resolution.train"], cfg["resolution.progressive_end"])
+        buffers = sum(buffer_bytes(self.micro_batch, res, cfg["data.batches_ahead"])
+                      for res in (train_res, cfg["resolution.test"]))  # the train and the val loader
         reads = plan_reads(cfg["data.train_dataset"], cfg["data.in_memory"], cfg["data.shuffle_window_mib"],
-                           d.local_world, agree_min=d.all_min)
+                           d.local_world, buffers, agree_min=d.all_min)
         self.log(reads.line)
         self.train_loader, self.decoder = train_loader(
             cfg["data.train_dataset"], self.micro_batch, cfg["resolution.train"], self.device, seed=seed,
@@ -162,6 +166,11 @@ class Trainer:
         if d.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(nest(cfg), sort_keys=True))
+            device = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "CPU"
+            save_json(self.run_dir / "run.json", {  # how it ran (for python -m rsb_ffcv.report)
+                "world": d.world, "nodes": d.world // d.local_world, "device": device, "accum": self.accum,
+                "device_batch": self.micro_batch, "precision": self.precision.name,
+                "data_order": "exact random" if reads.in_memory else "page-local"})
         self.tracker = Tracker(self.run_dir, cfg, mode=wandb_mode, project=cfg["logging.wandb_project"],
                                entity=cfg["logging.wandb_entity"], name=cfg["logging.run_name"] or self.run_dir.name,
                                run_id=wandb_id, enabled=d.is_main, key="logging.wandb_mode")

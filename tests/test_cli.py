@@ -15,7 +15,7 @@ import torch
 from conftest import ROOT, make_folder, run_cli, tiny_args, torchrun
 from fastargs import get_current_config
 
-from rsb_ffcv import checkpoint, distributed, evaluate, gpu_check, gradcam, loaders, train
+from rsb_ffcv import checkpoint, distributed, evaluate, gpu_check, gradcam, loaders, report, train
 from rsb_ffcv.bench import __main__ as bench
 from rsb_ffcv.config import load_config
 from rsb_ffcv.datasets import cli as write_cli
@@ -154,6 +154,9 @@ def _keys(sections):
     ("bench train", bench.main, ["train"], ("bench", "bench_train")),
     ("bench writer", bench.main, ["writer"], ("bench",)),
     ("bench corpus", bench.main, ["corpus"], ("bench", "bench_corpus")),
+    ("bench memory", bench.main, ["memory"], ("bench", "bench_memory")),
+    ("bench scale", bench.main, ["scale"], ("bench", "bench_scale")),
+    ("report", report.main, [], report.SECTIONS),
 ])
 def test_every_cli_help_lists_every_key_with_type_default_and_help(name, main, argv, sections, capsys):
     with pytest.raises(SystemExit) as e:
@@ -238,6 +241,6 @@ def test_the_readme_figures_are_the_measured_json():
     readme = (ROOT / "README.md").read_text()
     figures = render(ROOT / "results")
     assert rewrite(readme, figures) == readme
-    for name in ("loader", "augment", "train", "writer", "demo"):
+    for name in ("loader", "augment", "train", "writer", "demo", "memory", "scale"):
         data = json.loads((ROOT / "results" / f"{name}.json").read_text())
         assert data["machine"]["date"][:10] in figures

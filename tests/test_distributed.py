@@ -30,8 +30,9 @@ def digests(run_dir):
 
 
 def ddp_args(demo, run_dir, *extra):
+    """The page-local order (one-page windows) under torchrun: stop, resume and digests must hold for it too."""
     return tiny_args(demo, run_dir, "--data.num_workers=1", "--training.epochs=4", "--logging.wandb_mode=disabled",
-                     *extra)
+                     "--data.in_memory=false", "--data.shuffle_window_mib=2", *extra)
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +47,7 @@ def straight(demo_betons, tmp_path_factory):
 def test_two_process_compiled_run_trains_logs_once_and_saves_plain_keys(straight):
     run_dir, p = straight
     assert p.stdout.count("final val top-1") == 1 and p.stdout.count("2 process(es) on cpu") == 1
+    assert p.stdout.count("data.in_memory=false:") == 1 and "page-local order, windows of 1 page x" in p.stdout
     vals = [m for m in metrics(run_dir) if "val/images" in m]
     assert [m["val/images"] for m in vals] == [60] * 4  # every val image exactly once across ranks
     losses = [m["train/epoch_loss"] for m in metrics(run_dir) if "train/epoch_loss" in m]
@@ -96,8 +98,7 @@ def test_a_signal_on_some_ranks_stops_all_at_one_step_and_resume_matches(straigh
 
 def _device_batches(demo, world, rank, accum, repeats, epoch=2, batch=8):
     loader, _ = loaders.train_loader(f"{demo}/train.beton", batch, 32, torch.device("cpu"), num_workers=1, seed=5,
-                                     repeats=repeats, rank=rank, world=world, accum=accum,
-                                     batches_ahead=1)
+                                     repeats=repeats, rank=rank, world=world, accum=accum, batches_ahead=1)
     return loader.traversal_order.sample_order(epoch).reshape(-1, batch).tolist()
 
 

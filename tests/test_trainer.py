@@ -214,16 +214,20 @@ def _run_stopping_at(argv, stop_at_step):
     return t
 
 
-@pytest.mark.parametrize("stop_at", [3, 4])  # 3 steps/epoch: after epoch 0, and mid-epoch 1
-def test_resume_continues_steps_lr_and_data_order(demo_betons, tmp_path, stop_at):
+# 3 steps/epoch: after epoch 0, and mid-epoch 1; the page-local order (a 2 MiB window: one page) mid-epoch too
+@pytest.mark.parametrize("stop_at,reads", [(3, "true"), (4, "true"), (4, "false")])
+def test_resume_continues_steps_lr_and_data_order(demo_betons, tmp_path, stop_at, reads):
+    args = ["--logging.wandb_mode=disabled", f"--data.in_memory={reads}", "--data.shuffle_window_mib=2"]
     straight = tmp_path / "straight"
-    build(tiny_args(demo_betons, straight, "--logging.wandb_mode=disabled")).fit()
+    t = build(tiny_args(demo_betons, straight, *args))
+    assert t.train_loader.traversal_order.window_pages == (1 if reads == "false" else 0)
+    t.fit()
     split = tmp_path / "split"
-    t = _run_stopping_at(tiny_args(demo_betons, split, "--logging.wandb_mode=disabled"), stop_at)
+    t = _run_stopping_at(tiny_args(demo_betons, split, *args), stop_at)
     assert t.step == stop_at and (split / "last.pt").is_file()
     ck = torch.load(split / "last.pt", weights_only=True)
     assert (ck["epoch"], ck["epoch_steps_done"]) == (divmod(stop_at, 3) if stop_at % 3 else (0, 3))
-    resumed = build(tiny_args(demo_betons, split, "--logging.wandb_mode=disabled", "--training.resume=auto"))
+    resumed = build(tiny_args(demo_betons, split, *args, "--training.resume=auto"))
     assert resumed.step == stop_at
     resumed.fit()
     assert resumed.step == 6 and resumed.epoch == 2

@@ -1,4 +1,4 @@
-"""`python -m rsb_ffcv.bench {loader,augment,train,writer,memory,corpus,figures} [--config F.yaml] [--section.key=value ...]`
+"""`python -m rsb_ffcv.bench {loader,augment,train,writer,scale,memory,corpus,figures} [--config F.yaml] [--section.key=value ...]`
 
 Each benchmark measures side by side in one run and saves JSON (machine, versions, settings, figures) and
 a PNG chart under bench.out_dir; `python -m rsb_ffcv.bench NAME --help` lists its keys."""
@@ -12,6 +12,7 @@ BENCHMARKS = {
     "augment": "batched RandAugment (+ normalise + Mixup/CutMix) vs timm's PIL RandAugment",
     "train": "end-to-end training images/s from betons vs synthetic device batches (data stall)",
     "writer": "write_datasets.py throughput",
+    "scale": "ImageNet's record count: our writer vs stock FFCV's at 10k/100k/1.28M tiny JPEGs; loader figures",
     "memory": "a beton larger than RAM (cgroup limit): bytes fetched, memory, images/s per data.in_memory; Pss",
     "corpus": "generate the ImageNet-shaped JPEG corpus the benchmarks share",
     "figures": "rewrite the README's figures from the benchmarks' JSON results (results/)",

@@ -36,7 +36,7 @@ def _machine(m: dict) -> str:
 
 
 def render(results: str | Path) -> str:
-    """The Markdown of the figures, from loader/augment/train/writer/demo JSON files in `results`."""
+    """The Markdown of the figures, from loader/augment/train/writer/demo/memory/scale JSON files in `results`."""
     results = Path(results)
     loader, augment, train, writer, demo = (_load(results, n) for n in ("loader", "augment", "train", "writer", "demo"))
     s = loader["settings"]
@@ -62,13 +62,60 @@ def render(results: str | Path) -> str:
                  f"on synthetic batches: data stall {100 * train['data_stall_fraction']:.1f}%, main-thread data wait "
                  f"{100 * train['data_wait_fraction']:.1f}% | {_machine(train['machine'])} | "
                  f"`python -m rsb_ffcv.bench train` |")
-    lines.append(f"| beton writer (validation + write, 500 px, 50% JPEG q90, {writer['workers']} workers) | "
+    lines.append(f"| beton writer (each image decoded once with validation, 500 px, 50% JPEG q90, {writer['workers']} "
+                 f"workers) | "
                  f"{writer['images_per_second']:,.0f} images/s | {_machine(writer['machine'])} | "
                  f"`python -m rsb_ffcv.bench writer` |")
     lines.append(f"| the demo (resnet10t, 48 px, {demo['epochs']} epochs, batch 32, chance 10%) | {demo['val_top1']:.1f}% "
                  f"val top-1 in {demo['seconds']:.0f} s (writing the betons included) | {_machine(demo['machine'])} | "
                  f"`make demo` (writes runs/demo-*/demo.json) |")
-    return "\n".join(lines)
+    return "\n".join(lines + render_full_size(results))
+
+
+def render_full_size(results: str | Path) -> list[str]:
+    """The beyond-RAM (memory.json) and record-count (scale.json) tables."""
+    results = Path(results)
+    mem, scale = _load(results, "memory"), _load(results, "scale")
+    size, gb = mem["beton_bytes"], 2**30
+    lines = ["", f"**A beton larger than RAM** (`python -m rsb_ffcv.bench memory`; a {size / gb:.2f} GiB beton of "
+                 f"ImageNet-shaped JPEGs at the writer's defaults; one epoch at {mem['settings']['res']} px, batch "
+                 f"{mem['settings']['batch']} per process, each process in step with the others as DDP keeps them; "
+                 f"inside a cgroup memory limit of the processes + half the beton ({mem['limit_bytes'] / gb:.2f} GiB "
+                 f"for one), the beton evicted from the page cache first; page-local window {mem['window_mib']} MiB; "
+                 f"{_machine(mem['machine'])}):", "",
+             "| run | fetched from storage per epoch | images/s | private growth per process | peak memory |",
+             "|---|---|---|---|---|"]
+    for r in mem["rows"]:
+        if "Pss" in r["name"]:
+            continue
+        if r["killed"]:
+            lines.append(f"| {r['name']} | killed for memory | | | |")
+            continue
+        vs = f" ({r['images_per_s_vs_ram']:.2f}× in RAM)" if "images_per_s_vs_ram" in r else ""
+        lines.append(f"| {r['name']} | {r['fetched_x_beton']:.2f}× the beton | {r['images_per_s']:,.0f}{vs} | "
+                     f"{', '.join(f'{g:,.0f}' for g in r['anon_growth_mib'])} MiB | {r['peak_gib']:.2f} GiB |")
+    lines += ["", "| processes each reading the whole beton in RAM (in_memory=true) | Σ Rss of the mapped beton | "
+                  "Σ Pss | private growth per process |", "|---|---|---|---|"]
+    for r in mem["rows"]:
+        if "Pss" in r["name"]:
+            growth = ", ".join(f"{g:,.0f}" for g in r["anon_growth_mib"])
+            lines.append(f"| {r['processes']} | {r['beton_rss_x_beton']:.2f}× the beton | "
+                         f"{r['beton_pss_x_beton']:.2f}× | {growth} MiB |")
+    lines += ["", f"**ImageNet's record count** (`python -m rsb_ffcv.bench scale`; tiny JPEGs over "
+                  f"{scale['classes']:,} classes, both writers at the defaults on the same file list with "
+                  f"{scale['workers']} workers; {_machine(scale['machine'])}):", "",
+              "| records | stock FFCV writer | ours | ours / stock | peak Pss, stock / ours | train loader: built, "
+              "first batch | an epoch's order: 4 proc. × repeats 3, 1 proc. × accum. 4, page-local | val loader "
+              "over 50,000: built, one pass |", "|---|---|---|---|---|---|---|---|"]
+    for r in scale["rows"]:
+        ld = r["loader"]
+        lines.append(f"| {r['records']:,} | {r['stock']['images_per_s']:,.0f} img/s | {r['ours']['images_per_s']:,.0f} "
+                     f"img/s | {r['ours_vs_stock']:.2f}× | {r['stock']['peak_pss_mib']:,.0f} / "
+                     f"{r['ours']['peak_pss_mib']:,.0f} MiB | {ld['construct_s']:.1f} s, {ld['first_batch_s']:.1f} s | "
+                     f"{ld['order_4proc_repeats3_s']:.2f} s, {ld['order_1proc_accum4_s']:.2f} s, "
+                     f"{ld['order_page_local_4proc_repeats3_s']:.2f} s | {ld['val_construct_s']:.1f} s, "
+                     f"{ld['val_pass_s']:.1f} s |")
+    return lines
 
 
 def rewrite(readme: str, figures: str) -> str:

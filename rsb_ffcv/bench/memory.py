@@ -10,13 +10,14 @@ use before reading (measured in a probe run) + beton / 2.
 Rows: `data.in_memory` true / false / auto (our loader), stock FFCV's QUASI_RANDOM with os_cache=False (one
 process: it refuses distributed runs), the page-local order with the beton in RAM (the same order, no limit,
 warm cache: the speed reference), 2 and 4 processes with and without repeated augmentation, and the
-proportional set size (Pss) of the mapped beton for 1, 2 and 4 processes reading it in RAM.
+proportional set size (Pss) of the mapped beton for 1, 2 and 4 processes that each read all of it in RAM.
 Without --bench_memory.beton the corpus (bench.corpus, bench.n) is written as a beton at the writer's defaults.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -35,8 +36,8 @@ Section("bench_memory", "the beyond-RAM benchmark").params(
     beton=Param(str, "train beton to read ('' = the corpus written at the writer's defaults)", default=""),
     res=Param(int, "RandomResizedCrop output size", default=112),
     batch=Param(int, "per-process batch size", default=32),
-    window_mib=Param(int, "page-local window in MiB for the false and in-RAM rows (0 = an eighth of the beton, "
-                          "what auto picks under the limit)", default=0),
+    window_mib=Param(int, "page-local window in MiB for the false and in-RAM rows (0 = the one in_memory=auto "
+                          "picks under the limit)", default=0),
 )
 SECTIONS = ("bench", "bench_memory")
 
@@ -57,13 +58,15 @@ def worker(spec: dict) -> dict:
     from ffcv.loader import Loader, OrderOption
 
     from ..distributed import Dist
-    from ..loaders import epoch, train_loader
+    from ..loaders import buffer_bytes, epoch, train_loader
     from ..memory import plan_reads
 
     rank, world, beton = spec["rank"], spec["world"], spec["beton"]
     if world > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{spec['port']}", rank=rank, world_size=world)
     d = Dist(rank, world, rank, world, torch.device("cpu"))
+    # independent: each process reads the whole beton (two jobs on one node), still in step with the others
+    reader_rank, reader_world = (0, 1) if spec.get("independent") else (rank, world)
     io0, anon0 = read_bytes(), _rss_anon()
     if spec["order"] == "quasi":
         loader = Loader(beton, batch_size=spec["batch"], num_workers=spec["threads"], order=OrderOption.QUASI_RANDOM,
@@ -72,10 +75,11 @@ def worker(spec: dict) -> dict:
                                    "label": [IntDecoder()]})
         plan = "stock FFCV QUASI_RANDOM, os_cache=False"
     else:
-        reads = plan_reads(beton, spec["in_memory"], spec["window_mib"], world, agree_min=d.all_min)
+        reads = plan_reads(beton, spec["in_memory"], spec["window_mib"], world,
+                           buffer_bytes(spec["batch"], spec["res"], 3), agree_min=d.all_min)
         loader, _ = train_loader(beton, spec["batch"], spec["res"], torch.device("cpu"), num_workers=spec["threads"],
-                                 seed=0, repeats=spec["repeats"], rank=rank, world=world, batches_ahead=3,
-                                 window_pages=reads.window_pages)
+                                 seed=0, repeats=spec["repeats"], rank=reader_rank, world=reader_world, batches_ahead=3,
+                                 accum=spec.get("accum", 1), window_pages=reads.window_pages)
         plan = reads.line
     if spec["order"] == "probe":
         return {"rank": rank, "plan": plan}
@@ -190,21 +194,25 @@ def main(argv=None):
         print(f"corpus: {generate(cfg['bench.corpus'], cfg['bench.n'])}", flush=True)
         beton = corpus_beton(cfg["bench.corpus"], cfg["bench.n"])
     size = os.path.getsize(beton)
-    window_mib = cfg["bench_memory.window_mib"] or max(1, size // 8 // 2**20)
     cores = cfg["bench.cores"] or os.cpu_count()
-    common = dict(res=cfg["bench_memory.res"], batch=cfg["bench_memory.batch"], repeats=0, window_mib=window_mib)
+    common = dict(res=cfg["bench_memory.res"], batch=cfg["bench_memory.batch"], repeats=0)
 
-    probe = run("probe", beton, threads=cores, order="probe", in_memory="false", **common)
+    probe = run("probe", beton, threads=cores, order="probe", in_memory="false", window_mib=0, **common)
     base = probe["peak_bytes"]  # one process with its loader built, before reading the epoch
     limit = base + size // 2
     print(f"beton {size / 2**30:.2f} GiB; a process uses {base / 2**30:.2f} GiB before reading; limit "
           f"{limit / 2**30:.2f} GiB", flush=True)
+    auto = run("in_memory=auto", beton, limit=limit, threads=cores, order="rsb", in_memory="auto", window_mib=0,
+               **common)
+    # the other page-local rows use the window auto chose, so that they compare with it
+    found = re.search(r"windows of (\d+) pages? x (\d+) MiB", auto.get("plan") or "")
+    window_mib = cfg["bench_memory.window_mib"] or (int(found[1]) * int(found[2]) if found else size // 8 // 2**20)
+    common["window_mib"] = window_mib
     rows = [
         run("page-local order in RAM (warm, no limit)", beton, warm=True, threads=cores, order="rsb", in_memory="false",
             **common),
+        auto,
         run("in_memory=false", beton, limit=limit, threads=cores, order="rsb", in_memory="false", **common),
-        run("in_memory=auto", beton, limit=limit, threads=cores, order="rsb", in_memory="auto",
-            **{**common, "window_mib": 0}),
         run("in_memory=true (exact random order)", beton, limit=limit, threads=cores, order="rsb", in_memory="true",
             **common),
         run("stock FFCV QUASI_RANDOM, os_cache=False", beton, limit=limit, threads=cores, order="quasi", **common),
@@ -213,12 +221,13 @@ def main(argv=None):
         for repeats in (0, 3):
             if repeats > procs:
                 continue
-            rows.append(run(f"in_memory=false, {procs} processes" + (f", repeats {repeats}" if repeats else ""),
+            rows.append(run(f"in_memory=auto, {procs} processes" + (f", repeats {repeats}" if repeats else ""),
                             beton, procs=procs, limit=base * procs + size // 2, threads=1, order="rsb",
-                            in_memory="false", **{**common, "repeats": repeats}))
-    for procs in (1, 2, 4):
+                            in_memory="auto", **{**common, "repeats": repeats, "window_mib": 0}))
+    for procs in (1, 2, 4):  # each reads the whole beton (as two jobs on a node would), in step with the others
         rows.append(run(f"in_memory=true in RAM, {procs} process(es): beton Pss", beton, procs=procs, warm=True,
-                        threads=1 if procs > 1 else cores, order="rsb", in_memory="true", **common))
+                        threads=1 if procs > 1 else cores, order="rsb", in_memory="true", independent=True,
+                        **common))
     result = {"benchmark": "memory", "machine": machine(), "beton": beton, "beton_bytes": size,
               "process_bytes": base, "limit_bytes": limit, "window_mib": window_mib, "settings": common,
               "rows": rows}

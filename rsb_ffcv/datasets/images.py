@@ -1,17 +1,16 @@
-"""Reading source images: any PIL mode to RGB uint8, and full-decode validation.
+"""Reading source images: any PIL mode to RGB uint8, with full-decode validation.
 
 FFCV's RGBImageField accepts only uint8 H×W×3 arrays, and its JPEG decoder silently turns corrupt data
-into garbage pixels at training time; so every image is decoded completely here, before writing.
+into garbage pixels at training time; so every image is decoded completely, once, and the writer hands
+those pixels to FFCV.
 """
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import warnings
 
 import numpy as np
-from PIL import Image
-from tqdm import tqdm
+from PIL import Image, ImageFile
 
 from ..cli import first_line
 
@@ -44,56 +43,34 @@ def to_rgb(img: Image.Image) -> np.ndarray:
         return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 
-def load_rgb(path: str | os.PathLike) -> np.ndarray:
-    """Decode a file completely (format found by content, not extension) into RGB uint8."""
-    with Image.open(path) as img:
-        img.load()  # raises on truncated or corrupt data
-        arr = to_rgb(img)
+def _pixels(img: Image.Image) -> np.ndarray:
+    img.load()  # raises on truncated or corrupt data
+    arr = to_rgb(img)
     if arr.ndim != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
         raise ValueError(f"image has no pixels (shape {arr.shape})")
     return arr
 
 
-def check_image(path: str) -> tuple[str, str | None, tuple[int, int] | None]:
-    """(path, error or None, (width, height) or None) after a full decode."""
+def load_rgb(path: str | os.PathLike) -> np.ndarray:
+    """Decode a file completely (format found by content, not extension) into RGB uint8."""
+    with Image.open(path) as img:
+        return _pixels(img)
+
+
+def read_checked(path: str | os.PathLike) -> tuple[np.ndarray | None, str | None]:
+    """(RGB uint8 array, None) after a full decode and PIL's structural checks, or (None, the reason). The file
+    is opened once, except for formats whose PIL plugin checks more than decoding does (PNG's CRCs: verify(),
+    then open again to decode)."""
     try:
         if os.path.getsize(path) == 0:
-            return path, "empty file (0 bytes)", None
+            return None, "empty file (0 bytes)"
         with Image.open(path) as img:
-            img.verify()  # structural checks (e.g. PNG CRCs) that load() skips
-        arr = load_rgb(path)
-        return path, None, (arr.shape[1], arr.shape[0])
+            if type(img).verify is ImageFile.ImageFile.verify:  # JPEG and most formats: decoding is the check
+                return _pixels(img), None
+            img.verify()
+        return load_rgb(path), None
     except Exception as e:  # PIL raises many types; every one is a reason to list the file
-        return path, f"{type(e).__name__}: {first_line(e)}", None
-
-
-def validate_images(paths: list[str], num_workers: int,
-                    desc: str = "validating") -> tuple[dict[str, str], dict[str, tuple[int, int]]]:
-    """Fully decode every file in parallel: ({path: reason} for the bad ones, {path: (width, height)} for
-    the good ones)."""
-    bad: dict[str, str] = {}
-    sizes: dict[str, tuple[int, int]] = {}
-    chunk = max(1, min(256, len(paths) // (num_workers * 8) or 1))
-    bar = tqdm(total=len(paths), desc=desc, unit="img", dynamic_ncols=True, mininterval=0.5)
-    if num_workers <= 1 or len(paths) < 64:
-        results = map(check_image, paths)
-        pool = None
-    else:
-        pool = mp.get_context("fork").Pool(num_workers)
-        results = pool.imap(check_image, paths, chunksize=chunk)
-    try:
-        for path, err, size in results:
-            if err is not None:
-                bad[path] = err
-            else:
-                sizes[path] = size
-            bar.update(1)
-    finally:
-        bar.close()
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-    return bad, sizes
+        return None, f"{type(e).__name__}: {first_line(e)}"
 
 
 def available_cpus() -> int:
