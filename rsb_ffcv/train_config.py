@@ -15,7 +15,8 @@ Section("data", "FFCV datasets and loading").params(
                     "the page cache). true: exact random order (the beton should fit in RAM); false: page-local "
                     "order, windows of pages read in turn, each page about once per epoch per node (betons larger "
                     "than RAM); auto: true when the beton fits in the node's available memory (cgroup limits "
-                    "included) less 2 GiB per local process, decided once by all ranks and printed", default="auto"),
+                    "included) less what its processes will allocate (batch buffers + 512 MiB each), decided once by "
+                    "all ranks and printed", default="auto"),
     shuffle_window_mib=Param(int, "page-local order: MiB of beton pages shuffled together (0 = an eighth of the "
                                   "available memory); larger mixes classes better", default=0),
     batches_ahead=Param(int, "batches FFCV prepares ahead of the training step", default=3),

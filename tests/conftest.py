@@ -30,8 +30,10 @@ def make_folder(root: Path, classes=("cat", "dog", "fish"), per_class=3, ext=".j
     return root
 
 
-def run_cli(*args, cwd=ROOT, check=True, timeout=300):
-    proc = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+def run_cli(*args, cwd=ROOT, check=True, timeout=300, env_extra=None):
+    env = {**os.environ, **env_extra} if env_extra else None
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc

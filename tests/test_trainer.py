@@ -299,12 +299,15 @@ def test_sigterm_saves_then_exits_cleanly(demo_betons, tmp_path):
 
 def test_make_demo_main_job_learns_well_above_chance(tmp_path):
     """`make demo`'s job (python -m rsb_ffcv.demo): write the demo betons, train demo.yaml (15 epochs,
-    resnet10t at 48 px). Measured 98.0% top-1 on 2 CPU cores (chance: 10%; results/demo.json); the floor
+    resnet10t at 48 px), write the run's report. Measured 98.0% top-1 on 2 CPU cores (chance: 10%; results/demo.json); the floor
     leaves room for FFCV's unseeded crop randomness."""
     p = run_cli("-m", "rsb_ffcv.demo", "--logging.wandb_mode=disabled", cwd=tmp_path, timeout=1500)
     assert (tmp_path / "data" / "demo" / "train.beton").is_file()
     assert len(list(tmp_path.glob("runs/demo-*/last.pt"))) == 1
-    top1 = float(p.stdout.strip().splitlines()[-1].split()[-1])
+    top1 = float([line for line in p.stdout.splitlines() if line.startswith("final val top-1:")][-1].split()[-1])
     assert top1 >= 80.0, p.stdout[-2000:]
+    report = next(tmp_path.glob("runs/demo-*/report/index.html"))  # make demo ends with the run's report
+    assert p.stdout.strip().splitlines()[-1] == f"report: {report.relative_to(tmp_path)} (summary.json, table.md " \
+        f"beside it)" and "≠ paper: set" in report.read_text()
     demo = json.loads(next(tmp_path.glob("runs/demo-*/demo.json")).read_text())  # what the README quotes
     assert demo["val_top1"] == pytest.approx(top1, abs=0.005) and demo["seconds"] > 0 and demo["machine"]["cores"] >= 1

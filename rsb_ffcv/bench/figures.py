@@ -81,8 +81,9 @@ def render_full_size(results: str | Path) -> list[str]:
                  f"ImageNet-shaped JPEGs at the writer's defaults; one epoch at {mem['settings']['res']} px, batch "
                  f"{mem['settings']['batch']} per process, each process in step with the others as DDP keeps them; "
                  f"inside a cgroup memory limit of the processes + half the beton ({mem['limit_bytes'] / gb:.2f} GiB "
-                 f"for one), the beton evicted from the page cache first; page-local window {mem['window_mib']} MiB; "
-                 f"{_machine(mem['machine'])}):", "",
+                 f"for one), the beton evicted from the page cache first; page-local window {mem['window_mib']} MiB "
+                 f"(what auto chose); the first three rows: medians of {mem['rows'][0].get('rounds', 1)} rounds, "
+                 f"ratios the median of per-round ratios; {_machine(mem['machine'])}):", "",
              "| run | fetched from storage per epoch | images/s | private growth per process | peak memory |",
              "|---|---|---|---|---|"]
     for r in mem["rows"]:
@@ -102,19 +103,20 @@ def render_full_size(results: str | Path) -> list[str]:
             lines.append(f"| {r['processes']} | {r['beton_rss_x_beton']:.2f}× the beton | "
                          f"{r['beton_pss_x_beton']:.2f}× | {growth} MiB |")
     lines += ["", f"**ImageNet's record count** (`python -m rsb_ffcv.bench scale`; tiny JPEGs over "
-                  f"{scale['classes']:,} classes, both writers at the defaults on the same file list with "
-                  f"{scale['workers']} workers; {_machine(scale['machine'])}):", "",
+                  f"{scale['classes']:,} classes, both writers at 500 px, half raw, JPEG quality 90, on the same file "
+                  f"list with {scale['workers']} workers, ours with {scale['settings'].get('ours_page_mib', 8)} MiB "
+                  f"pages, stock FFCV's 8 MiB; {_machine(scale['machine'])}):", "",
               "| records | stock FFCV writer | ours | ours / stock | peak Pss, stock / ours | train loader: built, "
               "first batch | an epoch's order: 4 proc. × repeats 3, 1 proc. × accum. 4, page-local | val loader "
-              "over 50,000: built, one pass |", "|---|---|---|---|---|---|---|---|"]
+              "over the first ≤ 50,000: built, one pass |", "|---|---|---|---|---|---|---|---|"]
     for r in scale["rows"]:
         ld = r["loader"]
         lines.append(f"| {r['records']:,} | {r['stock']['images_per_s']:,.0f} img/s | {r['ours']['images_per_s']:,.0f} "
                      f"img/s | {r['ours_vs_stock']:.2f}× | {r['stock']['peak_pss_mib']:,.0f} / "
                      f"{r['ours']['peak_pss_mib']:,.0f} MiB | {ld['construct_s']:.1f} s, {ld['first_batch_s']:.1f} s | "
                      f"{ld['order_4proc_repeats3_s']:.2f} s, {ld['order_1proc_accum4_s']:.2f} s, "
-                     f"{ld['order_page_local_4proc_repeats3_s']:.2f} s | {ld['val_construct_s']:.1f} s, "
-                     f"{ld['val_pass_s']:.1f} s |")
+                     f"{ld['order_page_local_4proc_repeats3_s']:.2f} s | {ld['val_records']:,}: "
+                     f"{ld['val_construct_s']:.1f} s, {ld['val_pass_s']:.1f} s |")
     return lines
 
 

@@ -208,9 +208,11 @@ def main(argv=None):
             rows.append(row)
             for p in Path(tmp).glob(f"*_{n}.*"):
                 p.unlink()
+    from ..datasets.writer import WriteOptions
     result = {"benchmark": "scale", "machine": machine(), "workers": workers, "classes": classes,
               "settings": {"max_resolution": 500, "write_mode": "proportion", "compress_probability": 0.5,
-                           "jpeg_quality": 90}, "rows": rows}
+                           "jpeg_quality": 90, "ours_page_mib": WriteOptions().page_size >> 20, "stock_page_mib": 8},
+              "rows": rows}
     bars = {f"{r['records']:,} {w}": r[w]["images_per_s"] for r in rows for w in ("stock", "ours")}
     save(result, Path(cfg["bench.out_dir"]) / "scale.json", bars,
          f"beton writers at ImageNet's record count: ours vs stock FFCV, {workers} workers (images/s)")
