@@ -6,10 +6,11 @@ One dealing rule, two shuffles:
   exactly the device batches (BatchNorm batches, Mixup partners) that 4 GPUs x 1 would.
 - The shuffle is either the samplers' own uniform permutation (`window_pages=0`: the beton sits in RAM,
   data.in_memory=true), or a *page-local* one for betons larger than RAM (`window_pages=W`): the beton's pages
-  are shuffled and cut into windows of W pages, and each window's records come out in a uniformly random order
-  before the next window's. The samplers deal that stream with shuffle=False, so the ranks of every node walk
-  the same window at the same time and the page cache they share holds one window: each page is fetched from
-  storage about once per epoch per node, and the memory the order needs is the window, not the beton.
+  are grouped into windows of W pages spread over the file (page_local_permutation), and each window's records
+  come out in a uniformly random order before the next window's. The samplers deal that stream with
+  shuffle=False, so the ranks of every node walk the same window at the same time and the page cache they share
+  holds a few windows (memory.PageWindows reads them ahead and drops them): each page is fetched from storage
+  about once per epoch per node, and the memory the order needs is a few windows, not the beton.
   FFCV's own answer, QUASI_RANDOM, refuses distributed runs (FFCV issue 92); this keeps the samplers'
   guarantees (copies of an image on different virtual ranks, equal batch counts per rank) with either shuffle.
 """
@@ -23,6 +24,7 @@ from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import DistributedSampler
 
 from .config import ConfigError
+from .memory import PageWindows
 
 
 def record_pages(reader) -> np.ndarray:
@@ -121,7 +123,6 @@ class TrainOrder(TraversalOrder):
         skip = self.skip_batches * self.batch_size
         order, positions, self.skip_batches = order[skip:], positions[skip:], 0
         if self.window_pages:
-            from .memory import PageWindows
             self.shuffle(epoch)
             windows = self._shuffled[2][positions].reshape(-1, self.batch_size)
             self.page_cache = PageWindows(self.loader.reader, self._shuffled[3], windows.min(axis=1),
