@@ -24,6 +24,7 @@ from fastargs import Param, Section
 from . import cli, rsb_paper
 from .config import Choice, ConfigError, load_config
 from .files import atomic_path, save_json
+from .tracking import curves_figure, epoch_curves
 
 Section("report", "the comparison page").params(
     runs=Param(str, "run folders or globs, comma-separated (each holds config.yaml and metrics.jsonl)", required=True),
@@ -95,21 +96,11 @@ def read_run(folder: Path) -> dict:
         "data_wait": median(r.get("train/data_wait") for r in windows),
         "epoch_time_s": median(r.get("epoch_time_s") for r in epochs),
         "device_hours": sum(r.get("epoch_time_s", 0) for r in epochs) * devices / 3600,
-        "curves": {"epoch": [r["epoch"] for r in epochs], "train_loss": [r["train/epoch_loss"] for r in epochs],
-                   "val_epoch": [r["epoch"] for r in vals], "val_top1": [r["val/top1"] for r in vals],
-                   "lr": _lr_per_epoch(rows)},
+        "curves": epoch_curves(rows),
     }
     if not vals:
         run["notes"].append("no evaluation yet")
     return run
-
-
-def _lr_per_epoch(rows) -> list[list[float]]:
-    first = {}
-    for r in rows:
-        if "train/lr" in r:
-            first.setdefault(r["epoch"], r["train/lr"])
-    return [[e, lr] for e, lr in sorted(first.items())]
 
 
 def expand(spec: str, what: str) -> list[Path]:
@@ -216,25 +207,6 @@ def png_data_uri(fig) -> str:
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def curves_figure(runs: list[dict]):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for r in runs:
-        c = r["curves"]
-        axes[0].plot(c["epoch"], c["train_loss"], marker="o", markersize=2, label=r["name"])
-        axes[1].plot(c["val_epoch"], c["val_top1"], marker="o", markersize=2, label=r["name"])
-        if c["lr"]:
-            axes[2].plot(*zip(*c["lr"]), marker="o", markersize=2, label=r["name"])
-    for ax, title in zip(axes, ("train loss", "val top-1 (%)", "learning rate")):
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("epoch")
-    axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    return fig
 
 
 def ingredients_rows(groups: list[dict]) -> tuple[list[str], list[list[tuple[str, bool, str]]]]:
@@ -409,7 +381,8 @@ def build(cfg: dict) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     acc_header, acc_rows = accuracy_rows(groups)
     markdown = markdown_table(acc_header, acc_rows)
-    page = render_html(cfg["report.title"], groups, runs, eval_rows, gradcam, png_data_uri(curves_figure(runs)))
+    curves = png_data_uri(curves_figure({r["name"]: r["curves"] for r in runs}))
+    page = render_html(cfg["report.title"], groups, runs, eval_rows, gradcam, curves)
     with atomic_path(out / "index.html") as tmp:
         tmp.write_text(page)
     with atomic_path(out / "table.md") as tmp:

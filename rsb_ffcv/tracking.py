@@ -157,30 +157,43 @@ class Tracker:
             self.run.finish(exit_code=exit_code)
 
 
-def plot_curves(metrics_jsonl: Path, out: Path) -> Path | None:
-    """Train loss, val top-1 and learning rate per epoch from metrics.jsonl, as one PNG (None: no epoch yet)."""
-    rows = [json.loads(line) for line in Path(metrics_jsonl).read_text().splitlines() if line.strip()]
+def epoch_curves(rows: list[dict]) -> dict[str, list[tuple]]:
+    """The per-epoch curves of metrics.jsonl rows, as (epoch, value) points: train loss, val top-1 and the first
+    learning rate of each epoch."""
     epochs = [r for r in rows if "train/epoch_loss" in r]
-    if not epochs:
-        return None
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .files import save_figure
     lr_by_epoch = {}
     for r in rows:
         if "train/lr" in r:
             lr_by_epoch.setdefault(r["epoch"], r["train/lr"])
-    panels = [("train loss", [(r["epoch"], r["train/epoch_loss"]) for r in epochs]),
-              ("val top-1 (%)", [(r["epoch"], r["val/top1"]) for r in epochs if "val/top1" in r]),
-              ("learning rate", sorted(lr_by_epoch.items()))]
+    return {"train loss": [(r["epoch"], r["train/epoch_loss"]) for r in epochs],
+            "val top-1 (%)": [(r["epoch"], r["val/top1"]) for r in epochs if "val/top1" in r],
+            "learning rate": sorted(lr_by_epoch.items())}
+
+
+def curves_figure(runs: dict[str, dict[str, list[tuple]]]):
+    """One panel per curve of epoch_curves, the runs ({name: curves}) overlaid in one colour each."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
-    for ax, (title, points) in zip(axes, panels):
-        if points:
-            x, y = zip(*points)
-            ax.plot(x, y, marker="o", markersize=3)
+    for i, (name, curves) in enumerate(runs.items()):
+        for ax, points in zip(axes, curves.values()):
+            if points:
+                ax.plot(*zip(*points), marker="o", markersize=3, color=f"C{i % 10}", label=name)
+    for ax, title in zip(axes, next(iter(runs.values()), {})):
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("epoch")
+    if len(runs) > 1:
+        axes[1].legend(fontsize=7)
     fig.tight_layout()
-    return save_figure(fig, out, dpi=100)
+    return fig
+
+
+def plot_curves(metrics_jsonl: Path, out: Path) -> Path | None:
+    """Train loss, val top-1 and learning rate per epoch from metrics.jsonl, as one PNG (None: no epoch yet)."""
+    rows = [json.loads(line) for line in Path(metrics_jsonl).read_text().splitlines() if line.strip()]
+    curves = epoch_curves(rows)
+    if not curves["train loss"]:
+        return None
+    from .files import save_figure
+    return save_figure(curves_figure({"": curves}), out, dpi=100)

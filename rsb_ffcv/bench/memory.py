@@ -168,16 +168,15 @@ def run(name: str, beton: str, *, procs: int = 1, limit: int | None = None, warm
         cg.close()
     row = {"name": name, "processes": procs, "limit_bytes": limit, "exit_codes": [p.returncode for p in ps], **stat}
     row["killed"] = stat["oom_kills"] > 0 or any(r is None for r in results)
-    if row["killed"] or spec.get("order") == "probe":
-        row["plan"] = results[0]["plan"] if results[0] else None
-        if not row["killed"]:
-            return row
+    row["plan"] = results[0]["plan"] if results[0] else None
+    if row["killed"]:
         row["log_tail"] = logs[0][-600:]
         print(f"{name}: killed (oom kills {stat['oom_kills']}, exit codes {row['exit_codes']})", flush=True)
+    if row["killed"] or spec["order"] == "probe":
         return row
     size = os.path.getsize(beton)
     seconds = max(r["seconds"] for r in results)
-    row.update(plan=results[0]["plan"], images=sum(r["images"] for r in results), seconds=round(seconds, 2),
+    row.update(images=sum(r["images"] for r in results), seconds=round(seconds, 2),
                images_per_s=round(sum(r["images"] for r in results) / seconds, 1),
                fetched_x_beton=round(sum(r["read_bytes"] for r in results) / size, 3),
                anon_growth_mib=[round(r["anon_growth"] / 2**20, 1) for r in results],
