@@ -4,8 +4,10 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 SYSTEM_PKGS := libopencv-dev libturbojpeg0-dev libjpeg-dev pkg-config build-essential
-# What the tests need besides: headless Chromium opens the report page (tests/test_report.py).
-TEST_PKGS := chromium
+# What the tests need besides: headless Chromium opens the report page (tests/test_report.py); Slurm's daemons
+# run a two-node cluster on this machine (tests/test_slurm.py).
+TEST_PKGS := chromium slurm-wlm
+TEST_CMDS := chromium slurmctld slurmd sbatch
 # The CPU/CUDA torch build served from local disk on our machines; elsewhere pip resolves current releases.
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 
@@ -29,7 +31,7 @@ $(STAMP): pyproject.toml setup.py rsb_ffcv/_jpeg.c | system-deps
 	touch $(STAMP)
 
 test-deps:
-	@if command -v chromium >/dev/null 2>&1; then :; \
+	@if for c in $(TEST_CMDS); do command -v $$c >/dev/null 2>&1 || exit 1; done; then :; \
 	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(TEST_PKGS); \
 	elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(TEST_PKGS); \
 	else echo "error: the tests need system packages; run: sudo apt-get update && sudo apt-get install -y $(TEST_PKGS)" >&2; exit 1; fi

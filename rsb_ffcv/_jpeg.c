@@ -79,5 +79,19 @@ int decode_region(const unsigned char *data, unsigned long size, int scale_num,
     return 0;
 }
 
+/* The crop decoder's random key for its next batch (crop_decoder.py): state[0] (seed, rank, epoch; set before an
+   epoch) mixed with the batch's number state[1], which it advances. FFCV's loader thread runs one batch at a time,
+   so the n-th call of an epoch always gets the n-th batch's key. */
+static unsigned long long splitmix64(unsigned long long x) {
+    x += 0x9E3779B97F4A7C15ULL;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL;
+    return x ^ (x >> 31);
+}
+
+unsigned long long next_batch_key(unsigned long long *state) {
+    return splitmix64(state[0] ^ splitmix64(state[1]++));
+}
+
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_jpeg", NULL, -1, NULL};
 PyMODINIT_FUNC PyInit__jpeg(void) { return PyModule_Create(&module); }

@@ -15,10 +15,17 @@ decoders instead
   the shrink factor (a float32 intermediate, where PIL rounds to uint8: within 3 levels of torchvision);
 - mirror while writing the output (flip probability), so no separate flip stage runs.
 Everything is numba code run in parallel over the batch by FFCV's pipeline compiler.
+
+Reproducible crops: each image's draws (box, flip, filter) come from numba's generator seeded with a key of
+(seed, rank, epoch, batch number in the epoch, position in the batch) (`seed_epoch`, `image_seed`), not from
+whichever decode thread took the image; so a run's crops do not depend on data.num_workers or on scheduling,
+and a resumed epoch draws the crops the uninterrupted one would have. (FFCV's stock decoders draw from the
+threads' unseeded generators.)
 """
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import math
 from dataclasses import replace
 
@@ -39,6 +46,9 @@ _decode_region = ctypes.CDLL(_jpeg.__file__).decode_region
 _decode_region.argtypes = [ctypes.c_void_p, ctypes.c_ulong, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                            ctypes.c_int, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p]
 _decode_region.restype = ctypes.c_int
+_next_batch_key = ctypes.CDLL(_jpeg.__file__).next_batch_key
+_next_batch_key.argtypes = [ctypes.c_void_p]
+_next_batch_key.restype = ctypes.c_uint64
 
 
 def decode_region(data, eighths, y0, y1, x0, x1, out, stride, info):
@@ -76,6 +86,14 @@ def random_crop(height, width, scale_lo, scale_hi, log_ratio_lo, log_ratio_hi):
     else:
         w, h = width, height
     return (height - h) // 2, (width - w) // 2, h, w
+
+
+@njit(cache=True)
+def image_seed(batch_key, ix):
+    """A 32-bit seed for image `ix` of the batch whose key is `batch_key` (numba's np.random.seed takes 32 bits)."""
+    x = (batch_key + np.uint64(ix) * np.uint64(0x9E3779B97F4A7C15)) & np.uint64(0xFFFFFFFFFFFFFFFF)
+    x = (x ^ (x >> np.uint64(31))) * np.uint64(0xBF58476D1CE4E5B9)
+    return np.uint32((x ^ (x >> np.uint64(32))) & np.uint64(0xFFFFFFFF))
 
 
 @njit(cache=True)
@@ -256,6 +274,12 @@ class _CropResizeDecoder(SimpleRGBImageDecoder):
         self.output_size = tuple(output_size)
         self.interpolation = interpolation
         self.dct_scales = np.array(sorted(dct_scales), dtype=np.int64)
+        self.random_key = np.zeros(2, np.uint64)  # [key of (seed, rank, epoch), next batch]: read by the compiled code
+
+    def seed_epoch(self, seed: int, rank: int, epoch: int, first_batch: int = 0) -> None:
+        """Key the next epoch's crops (call before it starts; first_batch > 0: a resumed epoch's first batch)."""
+        self.random_key[:] = [int.from_bytes(hashlib.blake2b(f"{seed}/{rank}/{epoch}".encode(), digest_size=8)
+                                             .digest(), "little"), first_batch]
 
     def declare_state_and_memory(self, previous_state: State):
         self.max_height = int(self.metadata["height"].max())
@@ -273,6 +297,7 @@ class _CropResizeDecoder(SimpleRGBImageDecoder):
         interp = INTERPOLATIONS[self.interpolation]
         scales = self.dct_scales
         whole = not self.region_decode
+        key_address = np.uint64(self.random_key.ctypes.data)  # the array lives as long as this decoder
         # A dispatcher per decoder: one shared by two FFCV loaders failed in numba 0.68 with a KeyError from
         # its overload table when the second compiled it (the bug behind the finalizer KeyError at exit).
         decode_resize_c = njit(decode_resize.py_func)
@@ -289,12 +314,14 @@ class _CropResizeDecoder(SimpleRGBImageDecoder):
             decoded = np.empty((workers, max_height * max_width * 3), np.uint8)
             scratch = np.empty((workers, scratch_size(max_width, out_h)), np.float32)
             info = np.empty((workers, 4), np.int32)
+            batch_key = _next_batch_key(key_address) if is_random else np.uint64(0)
             for worker in my_range(workers):
                 for ix in range(worker, n, workers):
                     field = metadata[batch_indices[ix]]
                     data = mem_read(field["data_ptr"], storage_state)
                     height, width = np.int64(field["height"]), np.int64(field["width"])
                     if is_random:
+                        np.random.seed(image_seed(batch_key, ix))  # this thread's generator, for this image
                         top, left, h, w = random_crop(height, width, params[0], params[1], params[2], params[3])
                         y0, x0, bh, bw = float(top), float(left), float(h), float(w)
                         flip = np.random.random() < params[4]

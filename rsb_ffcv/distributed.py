@@ -1,5 +1,9 @@
 """torchrun process groups (NCCL on GPUs, gloo on CPU; one process when WORLD_SIZE is unset), and how the
-ranks agree to stop together."""
+ranks agree, at one optimizer step, to stop or to checkpoint.
+
+Ranks: the global RANK decides what a process does for the run (its share of the data, whether it writes:
+rank 0 only); the node-local LOCAL_RANK / LOCAL_WORLD_SIZE decide what it takes of its node (its GPU, its
+share of the CPU cores). torchrun sets all four, on one node or several (scripts/slurm/rsb.sbatch)."""
 from __future__ import annotations
 
 import os
@@ -18,6 +22,7 @@ class Dist:
     local_rank: int
     local_world: int
     device: torch.device
+    cpu_group: object = None  # a gloo group of all ranks, for Python objects (world > 1)
 
     @property
     def is_main(self) -> bool:
@@ -30,6 +35,14 @@ class Dist:
     def all_min(self, values: list[float]) -> list[float]:
         """The smallest of each float over ranks (for decisions every rank must share)."""
         return self._all_reduce(values, dist.ReduceOp.MIN)
+
+    def gather(self, obj) -> list | None:
+        """Every rank's `obj` on rank 0 (a list by rank), None on the others; every rank must call it."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world if self.is_main else None
+        dist.gather_object(obj, out, dst=0, group=self.cpu_group)
+        return out
 
     def _all_reduce(self, values: list[float], op) -> list[float]:
         if self.world == 1:
@@ -56,22 +69,35 @@ def init(device_choice: str = "auto", key: str = "training.device") -> Dist:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return Dist(rank, world, local_rank, local_world, device)
+    cpu_group = None
+    if world > 1:
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if use_cuda else "gloo", store=_attempt_store(), rank=rank, world_size=world)
+        cpu_group = dist.new_group(backend="gloo")
+    return Dist(rank, world, local_rank, local_world, device, cpu_group)
 
 
-class StopAgreement:
-    """Every rank leaves the training loop at the same optimizer step when any rank was asked to stop.
+def _attempt_store() -> dist.Store:
+    """torchrun's store (env://), its keys prefixed by the attempt. After an elastic restart (--max-restarts)
+    the agent's store still holds the failed attempt's keys, among them each rank's address for the process
+    groups' connections: a rank that read its dead peer's address could not connect (torch 2.14: 2 restarts
+    in 3 failed so, none with the prefix)."""
+    store, _, _ = next(dist.rendezvous("env://"))
+    return dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
-    A signal only sets a flag on the rank that got it. At every optimizer step each rank calls `poll(flag)`:
-    it reads the sum of the flags that the ranks sent at the previous step, then sends its current flag,
-    as an asynchronous all-reduce of one CPU float on a gloo group of its own. All ranks read the same
-    sum at the same step, so they stop together, one or two steps after the first signal anywhere. Nothing
-    waits on the GPU (the value lives on the host), and the wait for the previous step's all-reduce is over
-    before it starts unless another rank's host is a step behind, which the next gradient all-reduce would
-    wait for anyway. Why not piggyback on the loss check every `log_every` steps: that can be 50 steps,
-    over a minute for A1 on V100s, longer than torchrun's or a scheduler's grace period before SIGKILL.
+
+class StepAgreement:
+    """Every rank leaves the training loop, or checkpoints, at the same optimizer step when any rank asks.
+
+    A signal only sets a flag on the rank that got it; a rank's clock says when a timed checkpoint is due. At
+    every optimizer step each rank calls `poll(stop, checkpoint)`: it reads the sums of the flags that the ranks
+    sent at the previous step, then sends its current flags, as an asynchronous all-reduce of two CPU floats on
+    a gloo group of its own. All ranks read the same sums at the same step, so they act together, one or two
+    steps after the first rank asked. Nothing waits on the GPU (the values live on the host), and the wait for
+    the previous step's all-reduce is over before it starts unless another rank's host is a step behind, which
+    the next gradient all-reduce would wait for anyway. Why not piggyback on the loss check every `log_every`
+    steps: that can be 50 steps, over a minute for A1 on V100s, longer than torchrun's or a scheduler's grace
+    period before SIGKILL.
     """
 
     def __init__(self, world: int):
@@ -79,15 +105,16 @@ class StopAgreement:
         self.group = dist.new_group(backend="gloo") if world > 1 else None
         self.pending = None  # (work, tensor) sent at the previous step
 
-    def poll(self, requested: bool) -> bool:
+    def poll(self, stop: bool, checkpoint: bool = False) -> tuple[bool, bool]:
+        """(stop, checkpoint) as agreed by all ranks for this step."""
         if self.world == 1:
-            return requested
-        agreed = False
+            return stop, checkpoint
+        agreed = (False, False)
         if self.pending is not None:
             work, flags = self.pending
             work.wait()
-            agreed = flags.item() > 0  # a CPU tensor: no device sync
-        flags = torch.tensor([float(requested)])
+            agreed = (flags[0].item() > 0, flags[1].item() > 0)  # a CPU tensor: no device sync
+        flags = torch.tensor([float(stop), float(checkpoint)])
         self.pending = (dist.all_reduce(flags, group=self.group, async_op=True), flags)
         return agreed
 

@@ -35,6 +35,14 @@ def save_json(path: str | os.PathLike, obj) -> Path:
     return Path(path)
 
 
+def load_json(path: str | os.PathLike, default=None):
+    """A JSON file, or `default` when there is none."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return default
+
+
 def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
     """A matplotlib figure as PNG, atomically; the figure is closed."""
     import matplotlib.pyplot as plt

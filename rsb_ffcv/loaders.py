@@ -98,6 +98,8 @@ def train_loader(path: str, batch_size: int, resolution: int, device: torch.devi
     # first order, from which len(loader) is computed.
     pages = record_pages(loader.reader) if window_pages > 0 else None
     loader.traversal_order = TrainOrder(loader, repeats, rank, world, batch_size, accum, pages, window_pages)
+    if hasattr(stages[0], "seed_epoch"):  # our decoder: crops keyed by (seed, rank, epoch, batch), not by thread
+        loader.traversal_order.keyed.append(stages[0])
     loader.first_traversal_order = loader.next_traversal_order()
     if len(loader) == 0:
         per_rank = len(loader.traversal_order.virtual_positions(0, 0))

@@ -68,6 +68,7 @@ class TrainOrder(TraversalOrder):
     a device batch. Otherwise torch's DistributedSampler (padded to equal length per virtual rank).
     `pages` + `window_pages` > 0: the page-local shuffle (module docstring); else the samplers' own shuffles.
     `skip_batches` drops the first micro-batches of the next epoch once: a mid-epoch resume.
+    `keyed`: decoders with `seed_epoch` (crop_decoder), keyed with each epoch's (seed, rank, epoch, first batch).
     """
 
     def __init__(self, loader, repeats: int, rank: int, world: int, batch_size: int, accum: int = 1,
@@ -86,6 +87,7 @@ class TrainOrder(TraversalOrder):
         self._shuffled: tuple | None = None  # (epoch, page-local permutation, windows of it, pages of each window)
         self.page_cache = None  # memory.PageWindows for the last order: prefetch and release windows as batches go
         self.skip_batches = 0
+        self.keyed: list = []
         self.digest = ""  # of the last epoch's full order: lets tests and logs compare data orders
 
     def shuffle(self, epoch: int) -> np.ndarray:
@@ -121,6 +123,8 @@ class TrainOrder(TraversalOrder):
         order = self.indices[positions]
         self.digest = hashlib.sha1(order.tobytes()).hexdigest()[:12]
         skip = self.skip_batches * self.batch_size
+        for decoder in self.keyed:
+            decoder.seed_epoch(self.seed, self.rank, epoch, self.skip_batches)
         order, positions, self.skip_batches = order[skip:], positions[skip:], 0
         if self.window_pages:
             self.shuffle(epoch)

@@ -8,6 +8,7 @@ PROBE_TIMEOUT_S, where wandb.init would retry for minutes.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import netrc
@@ -20,6 +21,7 @@ from urllib.parse import urlparse
 
 from .cli import first_line
 from .config import ConfigError
+from .files import atomic_path
 
 PROBE_TIMEOUT_S = 5.0
 INIT_TIMEOUT_S = 60.0
@@ -80,17 +82,42 @@ def resolve_wandb_mode(mode: str, key: str = "logging.wandb_mode") -> str:
     return mode
 
 
+def keep_records_until(path: Path, step: int) -> None:
+    """Rewrite metrics.jsonl (atomically) without the records logged after `step`, which a resumed run logs
+    again (a run killed after its last checkpoint got further than it), and without a line cut short by a kill."""
+    if not path.exists():
+        return
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(f"{line}\n" for line in kept))
+
+
 class Tracker:
     def __init__(self, run_dir: Path, config: dict, *, mode: str, project: str, entity: str, name: str,
-                 run_id: str | None = None, enabled: bool = True, key: str = "logging.wandb_mode"):
-        """`key`: the option that set `mode` (for messages)."""
+                 run_id: str | None = None, enabled: bool = True, key: str = "logging.wandb_mode",
+                 from_step: int = 0):
+        """`key`: the option that set `mode` (for messages). `run_id`: continue that W&B run (a resumed or
+        requeued run). `from_step`: the step the run starts from; metrics.jsonl keeps only what came before."""
         self.enabled = enabled
         self.run = None
         self.run_dir = run_dir
         self.mode = "disabled"
+        self.offline_dir: Path | None = None  # the offline run's directory (for `wandb sync`)
+        self.run_id: str | None = None
         if not enabled:
             return
         self.mode = resolve_wandb_mode(mode, key)
+        keep_records_until(run_dir / "metrics.jsonl", from_step)
         self.jsonl = open(run_dir / "metrics.jsonl", "a")
         if self.mode != "disabled":
             import wandb
@@ -106,25 +133,32 @@ class Tracker:
                 print(offline_note(key, f"{type(e).__name__} from wandb.init"), flush=True)
                 self.mode = "offline"
                 self.run = wandb.init(mode="offline", **kwargs)
+        self.offline_dir = Path(self.run.dir).parent if self.run is not None and self.mode == "offline" else None
+        self.run_id = self.run.id if self.run is not None else None
 
-    @property
-    def offline_dir(self) -> Path | None:
-        """The offline run's directory (for `wandb sync`), or None."""
-        if self.run is None or self.mode != "offline":
+    def _wandb(self, what: str, call):
+        """A W&B call that cannot cost the run: if W&B's service has gone (Slurm's SIGTERM reaches every process of
+        a job step, W&B's too), say so once and go on without W&B. metrics.jsonl keeps everything, and a resumed
+        run continues the same W&B run."""
+        if self.run is None:
             return None
-        return Path(self.run.dir).parent
-
-    @property
-    def run_id(self) -> str | None:
-        return self.run.id if self.run is not None else None
+        try:
+            return call()
+        except Exception as e:
+            self.run = None
+            import wandb
+            with contextlib.suppress(Exception):  # forget the dead service (a later run in this process starts anew)
+                wandb.teardown()
+            print(f"W&B stopped working ({what}: {type(e).__name__}: {first_line(e)}); training goes on, logging to "
+                  f"metrics.jsonl only; a resumed run continues the W&B run", flush=True)
+            return None
 
     def log(self, metrics: dict, step: int) -> None:
         if not self.enabled:
             return
         self.jsonl.write(json.dumps({"step": step, "time": round(time.time(), 3), **metrics}) + "\n")
         self.jsonl.flush()
-        if self.run is not None:
-            self.run.log(metrics, step=step)
+        self._wandb("log", lambda: self.run.log(metrics, step=step))
 
     def log_checkpoint(self, path: Path, aliases: list[str], metadata: dict) -> None:
         if not self.enabled or self.run is None:
@@ -132,7 +166,7 @@ class Tracker:
         import wandb
         artifact = wandb.Artifact(f"model-{self.run.id}", type="model", metadata=metadata)
         artifact.add_file(str(path), name="checkpoint.pt")
-        self.run.log_artifact(artifact, aliases=aliases)
+        self._wandb("log_artifact", lambda: self.run.log_artifact(artifact, aliases=aliases))
 
     def log_table(self, key: str, rows: list[dict]) -> None:
         """A W&B Table, columns from the rows' keys (missing cells: None); PIL images become wandb.Image."""
@@ -143,18 +177,17 @@ class Tracker:
         columns = list(dict.fromkeys(k for r in rows for k in r))
         data = [[wandb.Image(v) if isinstance(v, Image.Image) else v for v in (r.get(c) for c in columns)]
                 for r in rows]
-        self.run.log({key: wandb.Table(columns=columns, data=data)})
+        self._wandb("log", lambda: self.run.log({key: wandb.Table(columns=columns, data=data)}))
 
     def summary(self, **values) -> None:
-        if self.enabled and self.run is not None:
-            self.run.summary.update(values)
+        if self.enabled:
+            self._wandb("summary", lambda: self.run.summary.update(values))
 
     def finish(self, exit_code: int = 0) -> None:
         if not self.enabled:
             return
         self.jsonl.close()
-        if self.run is not None:
-            self.run.finish(exit_code=exit_code)
+        self._wandb("finish", lambda: self.run.finish(exit_code=exit_code))
 
 
 def epoch_curves(rows: list[dict]) -> dict[str, list[tuple]]:

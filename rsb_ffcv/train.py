@@ -1,8 +1,11 @@
 """`python -m rsb_ffcv.train --config rsb_configs/a3.yaml [--section.key=value ...]`
 
-One process per device (torchrun for several: NCCL on GPUs, gloo on CPU). FFCV streams uint8 crops to
-the device; RandAugment, normalisation and Mixup/CutMix run batched there; timm's model, LAMB, cosine
-schedule and BCE do the rest. Rank 0 logs (W&B + metrics.jsonl) and saves atomic checkpoints.
+One process per device (torchrun for several, on one node or several: NCCL on GPUs, gloo on CPU;
+scripts/slurm/rsb.sbatch on Slurm). FFCV streams uint8 crops to the device; RandAugment, normalisation and
+Mixup/CutMix run batched there; timm's model, LAMB, cosine schedule and BCE do the rest. Rank 0 logs (W&B +
+metrics.jsonl) and saves atomic checkpoints: at each epoch's end, every training.checkpoint_every_min and on
+SIGTERM/SIGINT, holding every rank's random state, so that a resumed run (training.resume=auto) continues
+exactly as the uninterrupted one would have.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import math
 import os
 import random
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -25,7 +29,7 @@ from . import checkpoint, cli, distributed, loaders, train_config
 from .augment import TrainAugment
 from .config import ConfigError, load_config, print_config
 from .datasets.betons import open_dataset
-from .files import save_json
+from .files import load_json, save_json
 from .loaders import buffer_bytes, progressive_resolution, set_train_resolution, train_loader, val_loader
 from .memory import plan_reads
 from .recipe import (
@@ -91,7 +95,8 @@ class Trainer:
             raise ConfigError(f"logging.run_dir '{self.run_dir}' already holds a checkpoint: set "
                               f"training.resume=auto to continue it, or choose another run_dir")
 
-        self.debug_signals = parse_debug_signals(cfg["training.debug_signal_at"])
+        # test hooks fire only in a run that starts fresh (a resumed or restarted one would kill itself again)
+        self.debug_signals = {} if resume_path else parse_debug_signals(cfg["training.debug_signal_at"])
         # W&B's mode now, before building anything: online that cannot connect stops here, auto says offline
         wandb_mode = resolve_wandb_mode(cfg["logging.wandb_mode"], "logging.wandb_mode") if d.is_main else "disabled"
         seed = cfg["training.seed"]
@@ -117,13 +122,18 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.train_model = compile_model(self.ddp or self.model, cfg["model.compile"])
-        self.stopper = distributed.StopAgreement(d.world)
+        self.agreement = distributed.StepAgreement(d.world)
+        self.checkpoint_every_s = 60 * cfg["training.checkpoint_every_min"]
+        self.last_save = time.monotonic()
 
         torch.manual_seed(seed + d.rank)  # augmentation randomness differs per rank
         np.random.seed(seed + d.rank)
         random.seed(seed + d.rank)
-        self.compute_threads = max(1, len(os.sched_getaffinity(0)) // d.local_world)
-        workers = cfg["data.num_workers"] or self.compute_threads
+        node_share = max(1, len(os.sched_getaffinity(0)) // d.local_world)  # this process's cores of its node
+        self.compute_threads = cfg["training.cpu_threads"] or node_share
+        workers = cfg["data.num_workers"] or node_share
+        print(f"rank {d.rank}/{d.world} (node-local {d.local_rank}/{d.local_world}) on {socket.gethostname()}: "
+              f"{self.device}, {self.compute_threads} compute threads, {workers} decode threads", flush=True)
         common = dict(num_workers=workers, batches_ahead=cfg["data.batches_ahead"], decoder=cfg["data.decoder"])
         train_res = max(cfg["resolution.train"], cfg["resolution.progressive_end"])
         buffers = sum(buffer_bytes(self.micro_batch, res, cfg["data.batches_ahead"])
@@ -156,6 +166,7 @@ class Trainer:
             cfg["lr.warmup_lr"], cfg["lr.min_lr"], cfg["lr.cooldown_epochs"], cfg["lr.step_unit"])
 
         self.epoch, self.step, self.epoch_steps_done, self.best_top1 = 0, 0, 0, -1.0
+        self.epoch_loss = torch.zeros((), device=self.device)  # this rank's sum of step losses in this epoch
         wandb_id = None
         if resume_path is not None:
             ck = checkpoint.load(resume_path, cfg["training.trust_pickles"])
@@ -163,26 +174,40 @@ class Trainer:
                 raise ConfigError(f"training.resume: '{resume_path}' is not an rsb_ffcv checkpoint")
             wandb_id = self.load_state(ck)
             self.log(f"resumed from {resume_path}: epoch {self.epoch}, step {self.step}")
+        elif cfg["training.resume"] == "auto":  # requeued before its first checkpoint: the same W&B run again
+            wandb_id = load_json(self.run_dir / "run.json", {}).get("wandb_run_id")
         if d.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(nest(cfg), sort_keys=True))
-            device = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "CPU"
-            save_json(self.run_dir / "run.json", {  # how it ran (for python -m rsb_ffcv.report)
-                "world": d.world, "nodes": d.world // d.local_world, "device": device, "accum": self.accum,
-                "device_batch": self.micro_batch, "precision": self.precision.name,
-                "data_order": "exact random" if reads.in_memory else "page-local"})
         self.tracker = Tracker(self.run_dir, cfg, mode=wandb_mode, project=cfg["logging.wandb_project"],
                                entity=cfg["logging.wandb_entity"], name=cfg["logging.run_name"] or self.run_dir.name,
-                               run_id=wandb_id, enabled=d.is_main, key="logging.wandb_mode")
+                               run_id=wandb_id, enabled=d.is_main, key="logging.wandb_mode", from_step=self.step)
+        if d.is_main:
+            device = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "CPU"
+            save_json(self.run_dir / "run.json", {  # how it ran (for python -m rsb_ffcv.report), its W&B run
+                "world": d.world, "nodes": d.world // d.local_world, "device": device, "accum": self.accum,
+                "device_batch": self.micro_batch, "precision": self.precision.name,
+                "data_order": "exact random" if reads.in_memory else "page-local",
+                "wandb_run_id": self.tracker.run_id})
 
     # ---- checkpoints -------------------------------------------------------------------------------
-    def state(self) -> dict:
+    def state(self, rank_states: list[dict]) -> dict:
         return {"model": self.model.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "step": self.step,
                 "epoch_steps_done": self.epoch_steps_done, "best_top1": self.best_top1, "config": self.cfg,
-                "classes": self.classes, "arch": self.cfg["model.arch"], "rng": checkpoint.rng_state(),
+                "classes": self.classes, "arch": self.cfg["model.arch"], "rank_states": rank_states,
                 "wandb_run_id": self.tracker.run_id}
+
+    def rank_state(self) -> dict:
+        """What differs between ranks: the random states (augmentation, Mixup), the BatchNorm statistics of the
+        model and its EMA (each rank updates its own from its batches; dist_bn reduces them at an epoch's end) and
+        its sum of this epoch's losses. The weights are the same everywhere; the crops need no state (keyed by
+        seed, rank, epoch, batch)."""
+        state = {"rng": checkpoint.rng_state(), "buffers": _buffers(self.model), "epoch_loss": self.epoch_loss.item()}
+        if self.ema is not None:
+            state["ema_buffers"] = _buffers(self.ema.module)
+        return state
 
     def load_state(self, s: dict):
         self.model.load_state_dict(s["model"])
@@ -194,17 +219,35 @@ class Trainer:
         # (set_epoch_lr); a checkpoint's state would bring back its own stepping unit and lengths.
         self.epoch, self.step, self.best_top1 = s["epoch"], s["step"], s["best_top1"]
         self.epoch_steps_done = s["epoch_steps_done"]
-        if self.d.world == 1:
-            checkpoint.set_rng_state(s["rng"])
+        ranks = s.get("rank_states") or [{"rng": s["rng"]}]  # before 2026-12: rank 0's random state only
+        if len(ranks) != self.d.world:
+            self.log(f"note: the checkpoint holds the random states of {len(ranks)} process(es) and this run has "
+                     f"{self.d.world}: augmentation draws continue from fresh seeds, not as the saved run would have")
+        else:
+            mine = ranks[self.d.rank]
+            checkpoint.set_rng_state(mine["rng"])
+            _load_buffers(self.model, mine.get("buffers"))
+            self.epoch_loss.fill_(mine.get("epoch_loss", 0.0))
+            if self.ema is not None:
+                _load_buffers(self.ema.module, mine.get("ema_buffers"))
         return s.get("wandb_run_id")
 
-    def save(self, top1: float | None, log_artifact: bool):
+    def save(self, top1: float | None, log_artifact: bool, end_of_epoch: bool = True):
+        """last.pt (and best.pt when top1 is the best so far; a W&B artifact if asked). Every rank calls it:
+        rank 0 gathers every rank's rank_state. end_of_epoch=False: a mid-epoch checkpoint, last.pt only."""
+        rank_states = self.d.gather(self.rank_state())
+        self.last_save = time.monotonic()
+        is_best = top1 is not None and top1 >= self.best_top1
+        if top1 is not None:
+            self.best_top1 = max(self.best_top1, top1)
         if not self.d.is_main:
             return
-        state = self.state()
+        state = self.state(rank_states)
         last = checkpoint.save_atomic(state, self.run_dir / "last.pt")
+        if not end_of_epoch:
+            return
         aliases = ["latest", f"epoch-{self.epoch}"]
-        if top1 is not None and top1 >= self.best_top1:
+        if is_best:
             checkpoint.save_atomic(state, self.run_dir / "best.pt")
             aliases.append("best")
         if log_artifact:
@@ -256,9 +299,10 @@ class Trainer:
         self.train_loader.next_epoch = self.epoch
         it = loaders.epoch(self.train_loader, self.compute_threads)
         nonfinite = torch.zeros((), device=self.device, dtype=torch.bool)
-        loss_sum = torch.zeros((), device=self.device)
+        if self.epoch_steps_done == 0:  # (a resumed epoch brings the sum of its first steps)
+            self.epoch_loss = torch.zeros((), device=self.device)
         window_loss = torch.zeros((), device=self.device)
-        window_t0, window_wait, window_steps, epoch_steps = time.perf_counter(), 0.0, 0, 0
+        window_t0, window_wait, window_steps = time.perf_counter(), 0.0, 0
         epoch_t0 = time.perf_counter()
         resolution = None
         while self.epoch_steps_done < self.steps_per_epoch:
@@ -270,22 +314,19 @@ class Trainer:
                 loss = self.forward_backward(images, labels, sync_grads=k == self.accum - 1)
                 nonfinite |= ~torch.isfinite(loss)
                 window_loss += loss / self.accum
+                self.epoch_loss += loss / self.accum
             self.optimizer_step()
             self.step += 1
             self.epoch_steps_done += 1
-            epoch_steps += 1
             window_steps += 1
             if cfg["lr.step_unit"] == "update":
                 self.scheduler.step_update(num_updates=self.step)
-            if (self.d.rank, self.step) in self.debug_signals:
-                os.kill(os.getpid(), signal.SIGTERM)
             if self.step % cfg["logging.log_every"] == 0 or self.epoch_steps_done == self.steps_per_epoch:
                 self.check_loss(nonfinite)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
                 elapsed = time.perf_counter() - window_t0
                 loss_avg = self.d.all_sum([window_loss.item()])[0] / (self.d.world * window_steps)
-                loss_sum += window_loss
                 images_per_s = window_steps * self.micro_batch * self.accum * self.d.world / elapsed
                 metrics = {"train/loss": loss_avg, "train/lr": self.optimizer.param_groups[0]["lr"],
                            "train/images_per_s": images_per_s, "train/data_wait": window_wait / elapsed,
@@ -297,14 +338,27 @@ class Trainer:
                          f"{images_per_s:.0f} img/s data-wait {100 * metrics['train/data_wait']:.0f}%")
                 window_loss.zero_()
                 window_t0, window_wait, window_steps = time.perf_counter(), 0.0, 0
-            if self.stopper.poll(self.stop_requested):  # every rank gets the same answer at this step
-                self.stopping = True
+            if self.agree_to_stop():
                 break
         it.close()
-        loss_total = self.d.all_sum([(loss_sum + window_loss).item()])[0]
-        return {"train/epoch_loss": loss_total / max(1, epoch_steps * self.d.world),
+        loss_total = self.d.all_sum([self.epoch_loss.item()])[0]
+        return {"train/epoch_loss": loss_total / max(1, self.epoch_steps_done * self.d.world),
                 "epoch_time_s": time.perf_counter() - epoch_t0, "train/resolution": resolution,
                 "order_digest": self.train_loader.traversal_order.digest}
+
+    def agree_to_stop(self) -> bool:
+        """After each optimizer step, what all ranks agree on at this step: stop (a signal reached a rank), or
+        checkpoint mid-epoch (a rank's clock says training.checkpoint_every_min has passed). True: stop."""
+        if (self.d.rank, self.step) in self.debug_signals:
+            os.kill(os.getpid(), self.debug_signals[self.d.rank, self.step])
+        due = 0 < self.checkpoint_every_s <= time.monotonic() - self.last_save
+        stop, save = self.agreement.poll(self.stop_requested, due)
+        self.stopping = stop
+        if save and not stop and self.epoch_steps_done < self.steps_per_epoch:  # (the epoch's end saves anyway)
+            self.save(None, log_artifact=False, end_of_epoch=False)
+            self.log(f"checkpoint at step {self.step} (training.checkpoint_every_min="
+                     f"{self.cfg['training.checkpoint_every_min']:g}): {self.run_dir / 'last.pt'}")
+        return stop
 
     def reduce_batchnorm(self):
         """Make the BatchNorm running statistics of every rank equal (timm's --dist-bn, with its
@@ -348,10 +402,10 @@ class Trainer:
                                              cfg["resolution.progressive_end_epoch"], cfg["resolution.train"])
                 set_train_resolution(self.decoder, res)
                 stats = self.train_epoch()
-                self.reduce_batchnorm()
-                if self.stopping:
-                    self.save(None, log_artifact=False)
+                if self.stopping:  # BatchNorm statistics as they are: rank 0's go on (DDP broadcasts them)
+                    self.save(None, log_artifact=False, end_of_epoch=False)
                     break
+                self.reduce_batchnorm()
                 last = self.epoch + 1 == self.total_epochs
                 metrics = {**stats, "epoch": self.epoch}
                 top1 = None
@@ -365,13 +419,11 @@ class Trainer:
                          f"{stats['train/epoch_loss']:.4f}" + (f", val top-1 {top1:.2f}" if top1 is not None else ""))
                 self.epoch += 1
                 self.epoch_steps_done = 0
+                self.tracker.log(metrics, step=self.step)  # before the save: a resumed run logs only what follows
                 artifact_every = cfg["logging.artifact_every"]
                 self.save(top1, log_artifact=last or (artifact_every > 0 and self.epoch % artifact_every == 0))
-                if top1 is not None:
-                    self.best_top1 = max(self.best_top1, top1)
-                self.tracker.log(metrics, step=self.step)
         finally:
-            self.stopper.close()
+            self.agreement.close()
         self.report()
         if self.stopping:
             self.log(f"stopped by signal at step {self.step}; checkpoint saved to {self.run_dir / 'last.pt'} "
@@ -395,14 +447,27 @@ class Trainer:
             self.log(f"W&B offline run: {offline}; upload it with: wandb sync {offline}")
 
 
-def parse_debug_signals(spec: str) -> set[tuple[int, int]]:
-    """training.debug_signal_at 'RANK:STEP,...' → {(rank, step)}."""
-    out = set()
-    for item in (i for i in spec.split(",") if i.strip()):
-        rank, sep, step = item.partition(":")
-        if not (sep and rank.strip().isdigit() and step.strip().isdigit()):
-            raise ConfigError(f"training.debug_signal_at '{spec}': expected RANK:STEP[,RANK:STEP...]")
-        out.add((int(rank), int(step)))
+def _buffers(model: torch.nn.Module) -> dict:
+    return {name: b.detach().cpu().clone() for name, b in model.named_buffers()}
+
+
+def _load_buffers(model: torch.nn.Module, saved: dict | None) -> None:
+    if saved:
+        for name, b in model.named_buffers():
+            b.copy_(saved[name])
+
+
+DEBUG_SIGNALS = {"TERM": signal.SIGTERM, "KILL": signal.SIGKILL}
+
+
+def parse_debug_signals(spec: str) -> dict[tuple[int, int], int]:
+    """training.debug_signal_at 'RANK:STEP[:TERM|KILL],...' → {(rank, step): signal}."""
+    out = {}
+    for item in (i.strip() for i in spec.split(",") if i.strip()):
+        rank, step, name = (item.split(":") + ["TERM"])[:3] if item.count(":") in (1, 2) else ("", "", "")
+        if not (rank.isdigit() and step.isdigit() and name in DEBUG_SIGNALS):
+            raise ConfigError(f"training.debug_signal_at '{spec}': expected RANK:STEP[:TERM|KILL][,...]")
+        out[int(rank), int(step)] = DEBUG_SIGNALS[name]
     return out
 
 
@@ -415,8 +480,10 @@ def train(argv=None) -> int:
     trainer = Trainer(cfg, d)
 
     def request_stop(signum, frame):
-        if trainer.stop_requested:  # a second signal: stop now
+        if trainer.stop_requested and signum == signal.SIGINT:  # Ctrl-C twice: stop now
             raise KeyboardInterrupt
+        if trainer.stop_requested:  # Slurm signals every process of a step, and torchrun passes it on again
+            return
         trainer.stop_requested = True
         print(f"signal {signum} on rank {d.rank}: the ranks finish the current step together, then save",
               flush=True)

@@ -9,7 +9,8 @@ SECTIONS = ("data", "resolution", "model", "training", "lr", "optim", "augment",
 Section("data", "FFCV datasets and loading").params(
     train_dataset=Param(str, "train .beton (its .json sidecar gives the classes)", required=True),
     val_dataset=Param(str, "val .beton", required=True),
-    num_workers=Param(int, "FFCV decode threads per process; 0 = available cores / local processes", default=0),
+    num_workers=Param(int, "FFCV decode threads per process (0 = the node's cores / its processes); any count gives "
+                           "the same crops", default=0),
     in_memory=Param(Choice(["auto", "true", "false"]),
                     "how the train beton is read (always memory-mapped: the processes of a node share one copy in "
                     "the page cache). true: exact random order (the beton should fit in RAM); false: page-local "
@@ -63,15 +64,20 @@ Section("training", "the run").params(
     ema_decay=Param(float, "EMA decay", default=0.9998),
     seed=Param(int, "seed for weights, data order and augmentation", default=0),
     device=Param(Choice(["auto", "cuda", "cpu"]), "auto: cuda when available", default="auto"),
+    cpu_threads=Param(int, "torch CPU threads per process (0 = the node's cores / its processes); results are "
+                           "bit-identical only between runs with the same count", default=0),
     resume=Param(str, "'' (fresh), auto (run_dir/last.pt if present), a checkpoint PATH, or "
                       "wandb:ENTITY/PROJECT/NAME:ALIAS", default=""),
     trust_pickles=Param(BoolStr(), "load a resume checkpoint even if it holds Python objects beyond tensors "
                                     "(only for files you trust: unpickling can run code)", default=False),
+    checkpoint_every_min=Param(float, "also checkpoint (last.pt) mid-epoch when this many minutes have passed since "
+                                      "the last checkpoint, all ranks at one step: a killed node loses at most that "
+                                      "much (0 = at epoch ends only)", default=10.0),
     eval_every=Param(int, "evaluate every N epochs (and always after the last)", default=1),
     steps_per_epoch=Param(int, "cap on steps per epoch (0 = the whole epoch; for smoke tests)", default=0),
     debug_nan_at_step=Param(int, "test hook: make the loss NaN at this global step (-1 = never)", default=-1),
-    debug_signal_at=Param(str, "test hook: 'RANK:STEP,...': that rank sends itself SIGTERM after that global step",
-                          default=""),
+    debug_signal_at=Param(str, "test hook: 'RANK:STEP[:TERM|KILL],...': that rank sends itself SIGTERM (or SIGKILL) "
+                               "after that global step, in a run that did not resume", default=""),
 )
 Section("lr", "learning-rate schedule (timm cosine with linear warmup)").params(
     lr=Param(float, "peak learning rate (not scaled by batch size)", default=8e-3),

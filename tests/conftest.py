@@ -94,3 +94,48 @@ def demo_model(demo_betons, tmp_path_factory):
             f"--logging.run_dir={run_dir}", "--resolution.train=64", "--resolution.test=64", "--training.epochs=12",
             "--augment.rand_augment=", "--augment.mixup_prob=0", "--logging.wandb_mode=disabled", timeout=1200)
     return run_dir
+
+
+def ddp_args(demo, run_dir, *extra):
+    """tiny_args for several processes: 4 epochs x 3 steps in the page-local order (one-page windows), so that
+    stop, resume and digests are proven for it too."""
+    return tiny_args(demo, run_dir, "--data.num_workers=1", "--training.epochs=4", "--logging.wandb_mode=disabled",
+                     "--data.in_memory=false", "--data.shuffle_window_mib=2", *extra)
+
+
+@pytest.fixture(scope="session")
+def ddp_reference(demo_betons, tmp_path_factory):
+    """An uninterrupted 2-process run of ddp_args (1 node, torchrun): the weights and orders that stopped,
+    killed, restarted, requeued and multi-node runs of the same config must end with."""
+    run_dir = tmp_path_factory.mktemp("ddp_reference") / "run"
+    torchrun("-m", "rsb_ffcv.train", *ddp_args(demo_betons, run_dir))
+    return run_dir
+
+
+def final_weights(run_dir):
+    """last.pt's model state (tensors)."""
+    import torch
+    return torch.load(Path(run_dir) / "last.pt", weights_only=True)["model"]
+
+
+def same_weights(a, b) -> bool:
+    """Bit-identical state dicts."""
+    import torch
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def metrics(run_dir):
+    import json
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def step_lrs(run_dir):
+    return {m["step"]: m["train/lr"] for m in metrics(run_dir) if "train/lr" in m}
+
+
+def digests(run_dir):
+    return {m["epoch"]: m["order_digest"] for m in metrics(run_dir) if "order_digest" in m}
+
+
+def epoch_losses(run_dir):
+    return {m["epoch"]: m["train/epoch_loss"] for m in metrics(run_dir) if "train/epoch_loss" in m}

@@ -81,6 +81,7 @@ def test_an_old_timm_checkpoint_loads_only_when_trusted(tmp_path, demo_betons, c
 def test_checkpoints_written_before_plain_rng_states_still_resume(demo_model, demo_betons, tmp_path):
     """main before this change stored numpy's RNG state as an ndarray: weights_only reads it (allow-listed)."""
     ck = torch.load(demo_model / "last.pt", weights_only=True)
+    ck["rng"] = ck.pop("rank_states")[0]["rng"]  # until 2026-12-01: rank 0's RNG states only, under "rng"
     ck["rng"]["numpy"] = np.random.RandomState(7).get_state()  # what rsb_ffcv wrote until 2026-11-27
     ck["scheduler"].update(t_in_epochs=False, t_initial=15 * 31)  # and its schedulers stepped per update
     legacy = tmp_path / "legacy.pt"

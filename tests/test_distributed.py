@@ -8,31 +8,24 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, tiny_args, torchrun
+from conftest import (
+    ROOT,
+    ddp_args,
+    digests,
+    epoch_losses,
+    final_weights,
+    metrics,
+    same_weights,
+    step_lrs,
+    tiny_args,
+    torchrun,
+)
 
 from rsb_ffcv import distributed, loaders, train
 from rsb_ffcv.augment import Normalize
 from rsb_ffcv.config import ConfigError, load_config
 from rsb_ffcv.train_config import SECTIONS
 from rsb_ffcv.weights import load_model
-
-
-def metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def step_lrs(run_dir):
-    return {m["step"]: m["train/lr"] for m in metrics(run_dir) if "train/lr" in m}
-
-
-def digests(run_dir):
-    return {m["epoch"]: m["order_digest"] for m in metrics(run_dir) if "order_digest" in m}
-
-
-def ddp_args(demo, run_dir, *extra):
-    """The page-local order (one-page windows) under torchrun: stop, resume and digests must hold for it too."""
-    return tiny_args(demo, run_dir, "--data.num_workers=1", "--training.epochs=4", "--logging.wandb_mode=disabled",
-                     "--data.in_memory=false", "--data.shuffle_window_mib=2", *extra)
 
 
 @pytest.fixture(scope="module")
@@ -78,22 +71,26 @@ def test_ranks_evaluate_and_save_one_model(straight, demo_betons):
 
 
 @pytest.mark.parametrize("signals,stopped_at", [("1:4", {5}), ("0:2,1:3", {3, 4})])
-def test_a_signal_on_some_ranks_stops_all_at_one_step_and_resume_matches(straight, demo_betons, tmp_path, signals,
-                                                                         stopped_at):
+def test_a_signal_on_some_ranks_stops_all_at_one_step_and_resume_matches(ddp_reference, demo_betons, tmp_path,
+                                                                         signals, stopped_at):
     """SIGTERM on one rank (or on both, at different steps): both ranks leave at the same step, save, exit 0;
-    resuming gives the learning rates and data order of the uninterrupted run."""
+    resuming gives the learning rates, data order and bit-identical final weights of the uninterrupted run
+    (every rank's random state comes back from the checkpoint)."""
     split = tmp_path / "split"
     p = torchrun("-m", "rsb_ffcv.train", *ddp_args(demo_betons, split, f"--training.debug_signal_at={signals}"),
                  timeout=300)
     assert p.stdout.count("stopped by signal at step") == 1, p.stdout[-2000:]
     ck = torch.load(split / "last.pt", weights_only=True)
     assert ck["step"] in stopped_at, ck["step"]
+    assert len(ck["rank_states"]) == 2 and not torch.equal(ck["rank_states"][0]["rng"]["torch"],
+                                                           ck["rank_states"][1]["rng"]["torch"])
     if signals != "1:4":
         return
     torchrun("-m", "rsb_ffcv.train", *ddp_args(demo_betons, split, "--training.resume=auto"), timeout=300)
-    straight_dir, _ = straight
-    assert step_lrs(split) == step_lrs(straight_dir)
-    assert digests(split) == digests(straight_dir) and len(set(digests(split).values())) == 4
+    assert step_lrs(split) == step_lrs(ddp_reference)
+    assert digests(split) == digests(ddp_reference) and len(set(digests(split).values())) == 4
+    assert same_weights(final_weights(split), final_weights(ddp_reference))
+    assert epoch_losses(split) == epoch_losses(ddp_reference)
 
 
 def _device_batches(demo, world, rank, accum, repeats, epoch=2, batch=8):

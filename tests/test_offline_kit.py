@@ -67,8 +67,23 @@ def test_lean_bundle_fits_and_gpu_check_sh_passes_its_cpu_rehearsal(tmp_path):
                         "--gpu_check.quick=true", "--gpu_check.compile=false"],
                        cwd=repo, capture_output=True, text=True, env=env, timeout=1500)
     assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
-    result = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
-    assert result["passed"] and result["skipped"] == []
+    assert p.stdout.strip().splitlines()[-1] == "PASSED"
+    r = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    # every stage of the check, rehearsed on the CPU as it will run on the GPU node (once, here, for the suite)
+    assert r["passed"] and r["machine"]["gpu"] is None and r["skipped"] == [] and r["failed"] == []
+    assert r["loader_gpu_equals_cpu"]["equal"] and r["randaugment_gpu_equals_cpu"]["max_abs_diff"] == 0
+    losses = r["train_steps_eager"]["losses"]
+    assert losses[-1] < losses[0] and r["train_steps_eager"]["soft_targets"]
+    assert r["bench_augment"]["rows"][0]["ours_images_per_s"] > 0
+    for name in ("bench_train_a3", "bench_train_a1"):
+        assert r[name]["real_images_per_s"] > 0 and 0 <= r[name]["data_stall_fraction"] < 1
+        assert 0 <= r[name]["data_wait_fraction"] < 1
+    a1 = r["bench_train_a1"]["settings"]  # one process: repeated augmentation over 4 virtual ranks
+    assert (a1["accumulation"], a1["repeated_aug"]) == (4, 3)
+    assert len(list((tmp_path / "out").glob("*.beton"))) == 1  # one corpus beton, shared by every stage
+    assert r["randaugment_host_syncs"]["torch_calls_that_sync"] <= 2 and r["randaugment_host_syncs"]["passed"]
+    assert r["timm_pipeline_a3"]["images_per_s"] > 0 and r["derived"]["ours_vs_timm_pipeline"] > 0
+    assert [row["threads"] for row in r["loader_scaling"]["rows"]][0] == 1 and r["profile_a3_step"]["top"]
     so = next((repo / "rsb_ffcv").glob("_jpeg*.so"))
     ldd = subprocess.run(["ldd", str(so)], capture_output=True, text=True).stdout
     assert str(bundle / "sysroot" / "lib" / "libjpeg.so.62") in ldd  # built against the bundle's libjpeg

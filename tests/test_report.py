@@ -6,11 +6,12 @@ import re
 import shutil
 import statistics
 import subprocess
+import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
-from conftest import run_cli, tiny_args
+from conftest import ROOT, run_cli, tiny_args
 
 RECIPES = {  # name: extra overrides; a3 twice (seeds 0 and 1) is one group
     "a3_s0": [],
@@ -29,9 +30,15 @@ def metrics(run_dir):
 @pytest.fixture(scope="module")
 def inputs(demo_betons, tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
-    for name, extra in RECIPES.items():
-        run_cli("-m", "rsb_ffcv.train", *tiny_args(demo_betons, root / "runs" / name, "--logging.wandb_mode=disabled",
-                                                  *extra), timeout=600)
+    runs = {name: subprocess.Popen(  # side by side: each run waits on its own start-up much of its time
+        [sys.executable, "-m", "rsb_ffcv.train", *tiny_args(demo_betons, root / "runs" / name,
+                                                           "--logging.wandb_mode=disabled", "--data.num_workers=1",
+                                                           "--training.cpu_threads=1",
+                                                           *extra)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for name, extra in RECIPES.items()}
+    for name, p in runs.items():
+        out, _ = p.communicate(timeout=900)
+        assert p.returncode == 0, (name, out[-3000:])
     v2 = root / "v2"  # an ImageNet-V2-shaped folder (class-index directories) from the demo val images
     images = Path(demo_betons) / "images" / "val"
     classes = json.loads((Path(demo_betons) / "train.json").read_text())["classes"]

@@ -1,0 +1,106 @@
+"""scripts/slurm/rsb.sbatch on a real two-node Slurm cluster started by the test (tests/slurm_cluster.py): the
+2-node run equals a 1-node torchrun run, and a job signalled before its time limit saves, is requeued and
+resumes into the same weights and W&B run (issue 18). gloo on the CPU, the demo betons, a few steps."""
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import slurm_cluster
+from conftest import ROOT, ddp_args, digests, epoch_losses, final_weights, metrics, same_weights, step_lrs
+
+pytestmark = pytest.mark.slow
+SCRIPT = ROOT / "scripts" / "slurm" / "rsb.sbatch"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """slurmctld + slurmd n1 + slurmd n2. slurm-wlm comes from the project's install step (make test-deps); if it
+    cannot be installed, or the tests cannot run the daemons (root), the tests fail in CI and are skipped
+    elsewhere, with the reason."""
+    why = None
+    if slurm_cluster.missing():
+        p = subprocess.run(["make", "-C", str(ROOT), "test-deps"], capture_output=True, text=True)
+        if slurm_cluster.missing():
+            why = (f"Slurm ({', '.join(slurm_cluster.missing())}) is missing and `make test-deps` could not install "
+                   f"slurm-wlm: {(p.stderr or p.stdout).strip()[-300:]}")
+    if why is None and os.geteuid() != 0:
+        why = "the Slurm daemons of the test cluster run as root"
+    if why:
+        if os.environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why)
+    c = slurm_cluster.Cluster(tmp_path_factory.mktemp("slurm")).start()
+    yield c
+    c.stop()
+
+
+def submit(cluster, demo, run_dir, *extra, nodes=2):
+    """sbatch rsb.sbatch on `nodes` nodes (one CPU process each) from the repository, as a user would; one compute
+    thread per process, as the 1-node 2-process reference has (float sums depend on the thread count)."""
+    out = run_dir.parent / f"{run_dir.name}-%j.out"
+    job = cluster.sbatch(f"--nodes={nodes}", f"--output={out}", str(SCRIPT), str(ROOT / "rsb_configs" / "demo.yaml"),
+                         *ddp_args(demo, run_dir, "--training.cpu_threads=1", *extra)[2:], cwd=ROOT,
+                         env_extra={"RSB_RUN_DIR": str(run_dir), "RSB_PYTHON": sys.executable})
+    return job, run_dir.parent / f"{run_dir.name}-{job}.out"
+
+
+def wandb_run_ids(run_dir):
+    return [p.name.rsplit("-", 1)[1] for p in sorted((run_dir / "wandb").glob("offline-run-*"))]
+
+
+def test_two_nodes_train_like_one_node_with_two_processes(cluster, ddp_reference, demo_betons, tmp_path):
+    """2 nodes x 1 process: the job completes; only global rank 0 writes (one metrics record per step, one W&B
+    run); each process decodes with its node's cores (node-local world 1: all cores, where the 1-node run gives
+    each of its 2 processes half); the learning rates, data orders and final weights equal a 1-node 2-process
+    torchrun run."""
+    run_dir = tmp_path / "two_nodes"
+    job, out = submit(cluster, demo_betons, run_dir, "--logging.wandb_mode=offline", "--data.num_workers=0")
+    info = cluster.wait(job)
+    log = out.read_text()
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-3000:]
+    assert "2 node(s) x 1 process(es)" in log
+    cores = len(os.sched_getaffinity(0))
+    for rank in (0, 1):
+        assert f"rank {rank}/2 (node-local 0/1) on " in log, log[-3000:]
+    assert log.count(f"cpu, 1 compute threads, {cores} decode threads") == 2 and cores >= 2
+    steps = [m["step"] for m in metrics(run_dir) if "train/lr" in m]
+    assert steps == list(range(1, 13))  # 4 epochs x 3 steps, each logged once
+    assert len(wandb_run_ids(run_dir)) == 1 and log.count("epoch 3 done") == 1
+    assert step_lrs(run_dir) == step_lrs(ddp_reference) and digests(run_dir) == digests(ddp_reference)
+    assert same_weights(final_weights(run_dir), final_weights(ddp_reference))
+
+
+def test_a_signalled_job_saves_is_requeued_and_resumes_exactly(cluster, ddp_reference, demo_betons, tmp_path):
+    """SIGTERM to the batch script mid-run (what --signal=B:TERM@120 sends before the time limit, or scancel
+    --batch --signal=TERM): the processes stop together and save, the script requeues the job, the second start
+    resumes from last.pt in the same W&B run, and the run ends as the uninterrupted one."""
+    run_dir = tmp_path / "requeued"
+    job, out = submit(cluster, demo_betons, run_dir, "--logging.wandb_mode=offline")
+    deadline = time.monotonic() + 300
+    while not (run_dir / "metrics.jsonl").exists() or not metrics(run_dir):  # the first step is done
+        assert time.monotonic() < deadline and cluster.job(job)["JobState"] in ("PENDING", "RUNNING"), \
+            out.read_text()[-3000:] if out.exists() else cluster.job(job)
+        time.sleep(0.2)
+    cluster.run("scancel", "--batch", "--signal=TERM", str(job))
+    cluster.start_requeued_now(job)
+    info = cluster.wait(job)
+    log = out.read_text()
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), log[-4000:]
+    assert "stopped by signal at step" in log and "requeueing job" in log and "(start 2)" in log
+    assert "resumed from" in log.split("(start 2)")[1]
+    assert [m["step"] for m in metrics(run_dir) if "train/lr" in m] == list(range(1, 13))
+    assert epoch_losses(run_dir) == epoch_losses(ddp_reference)
+    ids = wandb_run_ids(run_dir)
+    assert len(ids) == 2 and len(set(ids)) == 1  # two starts, one W&B run
+    assert step_lrs(run_dir) == step_lrs(ddp_reference) and digests(run_dir) == digests(ddp_reference)
+    assert same_weights(final_weights(run_dir), final_weights(ddp_reference))
+
+
+def test_the_script_refuses_a_missing_config_in_one_line(cluster, tmp_path):
+    job = cluster.sbatch("--nodes=1", f"--output={tmp_path}/bad-%j.out", str(SCRIPT), "no/such.yaml", cwd=ROOT)
+    info = cluster.wait(job)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0"
+    assert (tmp_path / f"bad-{job}.out").read_text() == \
+        f"error: config file 'no/such.yaml' not found (relative to {ROOT}, where the job was submitted)\n"
