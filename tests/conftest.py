@@ -139,3 +139,9 @@ def digests(run_dir):
 
 def epoch_losses(run_dir):
     return {m["epoch"]: m["train/epoch_loss"] for m in metrics(run_dir) if "train/epoch_loss" in m}
+
+
+def wandb_run_ids(run_dir):
+    """The W&B run id of each offline run directory (offline-run-DATE-ID) under run_dir/wandb: one id for a run
+    that was resumed or requeued (each start adds a directory)."""
+    return [p.name.rsplit("-", 1)[1] for p in sorted((Path(run_dir) / "wandb").glob("offline-run-*"))]

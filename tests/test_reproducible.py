@@ -9,18 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import (
-    ROOT,
-    ddp_args,
-    digests,
-    epoch_losses,
-    final_weights,
-    metrics,
-    same_weights,
-    step_lrs,
-    tiny_args,
-    torchrun,
-)
+from conftest import (ROOT, ddp_args, digests, epoch_losses, final_weights, metrics, same_weights, step_lrs,
+                      tiny_args, torchrun, wandb_run_ids)
 
 from rsb_ffcv import distributed, train
 from rsb_ffcv.config import load_config
@@ -38,10 +28,6 @@ def fit(argv):
     t.tracker.finish()
     return t
 
-
-def wandb_run_ids(run_dir):
-    """The W&B run id of each offline run directory (offline-run-DATE-ID) under run_dir/wandb."""
-    return [p.name.rsplit("-", 1)[1] for p in sorted((run_dir / "wandb").glob("offline-run-*"))]
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,8 @@ import time
 
 import pytest
 import slurm_cluster
-from conftest import ROOT, ddp_args, digests, epoch_losses, final_weights, metrics, same_weights, step_lrs
+from conftest import (ROOT, ddp_args, digests, epoch_losses, final_weights, metrics, same_weights, step_lrs,
+                      wandb_run_ids)
 
 pytestmark = pytest.mark.slow
 SCRIPT = ROOT / "scripts" / "slurm" / "rsb.sbatch"
@@ -45,9 +46,6 @@ def submit(cluster, demo, run_dir, *extra, nodes=2):
                          env_extra={"RSB_RUN_DIR": str(run_dir), "RSB_PYTHON": sys.executable})
     return job, run_dir.parent / f"{run_dir.name}-{job}.out"
 
-
-def wandb_run_ids(run_dir):
-    return [p.name.rsplit("-", 1)[1] for p in sorted((run_dir / "wandb").glob("offline-run-*"))]
 
 
 def test_two_nodes_train_like_one_node_with_two_processes(cluster, ddp_reference, demo_betons, tmp_path):
