@@ -48,13 +48,18 @@ def inputs(demo_betons, tmp_path_factory):
             f"--source.classes_from={demo_betons}/train.json", f"--writer.out={v2 / 'v2.beton'}",
             "--writer.max_resolution=96")
     models = ",".join(f"{n}={root / 'runs' / n / 'last.pt'}" for n in RECIPES)
-    run_cli("-m", "rsb_ffcv.evaluate", f"--eval.models={models}",
-            f"--eval.datasets={demo_betons}/val.beton,{v2 / 'v2.beton'}", "--eval.resolution=32",
-            f"--eval.out_dir={root / 'eval'}", "--eval.wandb_mode=disabled", timeout=600)
     gradcam_models = f"a3={root / 'runs/a3_s0/last.pt'},a1={root / 'runs/a1/last.pt'}"
-    run_cli("-m", "rsb_ffcv.gradcam", f"--gradcam.models={gradcam_models}",
-            f"--gradcam.dataset={demo_betons}/val.beton", "--gradcam.images=3", "--gradcam.resolution=32",
-            f"--gradcam.out_dir={root / 'gradcam'}", "--gradcam.wandb_mode=disabled", timeout=600)
+    tools = [  # side by side too
+        ["-m", "rsb_ffcv.evaluate", f"--eval.models={models}", f"--eval.datasets={demo_betons}/val.beton,"
+         f"{v2 / 'v2.beton'}", "--eval.resolution=32", f"--eval.out_dir={root / 'eval'}", "--eval.wandb_mode=disabled"],
+        ["-m", "rsb_ffcv.gradcam", f"--gradcam.models={gradcam_models}", f"--gradcam.dataset={demo_betons}/val.beton",
+         "--gradcam.images=3", "--gradcam.resolution=32", f"--gradcam.out_dir={root / 'gradcam'}",
+         "--gradcam.wandb_mode=disabled"]]
+    procs = [subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for args in tools]
+    for args, p in zip(tools, procs):
+        out, _ = p.communicate(timeout=600)
+        assert p.returncode == 0, (args[1], out[-3000:])
     out = root / "out"
     p = run_cli("-m", "rsb_ffcv.report", f"--report.runs={root / 'runs'}/*", f"--report.evals={root / 'eval'}",
                 f"--report.gradcam={root / 'gradcam'}", f"--report.out={out}", "--report.wandb_mode=disabled")
