@@ -102,21 +102,6 @@ def keep_records_until(path: Path, step: int) -> None:
             tmp.write_text("".join(f"{line}\n" for line in kept))
 
 
-def _init_waiting_for_the_run(wandb, run_id: str | None, waits: int = 12, wait_s: float = 5.0, **kwargs):
-    """wandb.init; a resumed run whose W&B run is still held by the process that ran it before (W&B's service of
-    a run killed a moment ago on this machine lives on until it notices) waits for it to let go, up to a minute."""
-    for attempt in range(waits + 1):
-        try:
-            return wandb.init(**kwargs)
-        except Exception as e:
-            if not run_id or "in use" not in str(e) or attempt == waits:
-                raise
-            if attempt == 0:
-                print(f"W&B: run {run_id} is still held by the process that ran it before; waiting for it to let go",
-                      flush=True)
-            time.sleep(wait_s)
-
-
 class Tracker:
     def __init__(self, run_dir: Path, config: dict, *, mode: str, project: str, entity: str, name: str,
                  run_id: str | None = None, enabled: bool = True, key: str = "logging.wandb_mode",
@@ -139,8 +124,7 @@ class Tracker:
             kwargs = dict(dir=str(run_dir), project=project, entity=entity or None, name=name, id=run_id,
                           resume="allow" if run_id else None, config=config)
             try:
-                self.run = _init_waiting_for_the_run(wandb, run_id, mode=self.mode,
-                                                     settings=wandb.Settings(init_timeout=INIT_TIMEOUT_S), **kwargs)
+                self.run = wandb.init(mode=self.mode, settings=wandb.Settings(init_timeout=INIT_TIMEOUT_S), **kwargs)
             except Exception as e:  # the server answered the probe but refused the run (key, entity, quota)
                 if self.mode == "offline" or mode == "online":
                     self.jsonl.close()

@@ -30,8 +30,15 @@ def make_folder(root: Path, classes=("cat", "dog", "fish"), per_class=3, ext=".j
     return root
 
 
+def child_env(**extra) -> dict:
+    """This environment for a child process, without W&B's service address: a test that ran W&B in-process set
+    WANDB_SERVICE, and a child would register its runs in this process's service (a SIGKILLed child's run then
+    stays 'in use' there)."""
+    return {**{k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}, **extra}
+
+
 def run_cli(*args, cwd=ROOT, check=True, timeout=300, env_extra=None):
-    env = {**os.environ, **env_extra} if env_extra else None
+    env = child_env(**(env_extra or {}))
     proc = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           env=env)
     if check and proc.returncode != 0:
@@ -43,7 +50,7 @@ def torchrun(*args, nproc=2, check=True, timeout=600):
     """`torchrun --standalone --nproc_per_node=N -m ...` on the CPU (gloo)."""
     exe = os.path.join(os.path.dirname(sys.executable), "torchrun")
     proc = subprocess.run([exe, "--standalone", f"--nproc_per_node={nproc}", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, env=child_env())
     if check and proc.returncode != 0:
         raise AssertionError(f"torchrun {args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc

@@ -86,7 +86,8 @@ class Cluster:
         self.root = root
         self.conf = write_config(root)
         bin_dir = os.path.dirname(sys.executable)  # the job finds the project's Python first
-        self.env = {**os.environ, "SLURM_CONF": str(self.conf), "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
+        self.env = {**{k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"},  # (conftest.child_env)
+                    "SLURM_CONF": str(self.conf), "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
         self.pids: list[int] = []
 
     def run(self, *cmd, check=True) -> subprocess.CompletedProcess:

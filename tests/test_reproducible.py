@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import (ROOT, ddp_args, digests, epoch_losses, final_weights, metrics, same_weights, step_lrs,
-                      tiny_args, torchrun, wandb_run_ids)
+                      tiny_args, torchrun, wandb_run_ids, child_env)
 
 from rsb_ffcv import distributed, train
 from rsb_ffcv.config import load_config
@@ -63,7 +63,7 @@ def test_sigkill_after_a_timed_checkpoint_loses_only_the_steps_since(augmented, 
     killed = tmp_path / "killed"
     argv = tiny_args(demo_betons, killed, *AUGMENTED, "--training.checkpoint_every_min=1e-9")
     p = subprocess.run([sys.executable, "-m", "rsb_ffcv.train", *argv, "--training.debug_signal_at=0:5:KILL"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+                       cwd=ROOT, capture_output=True, text=True, timeout=600, env=child_env())
     assert p.returncode == -9, p.stderr[-2000:]
     assert "checkpoint at step 4 " in p.stdout
     ck = torch.load(killed / "last.pt", weights_only=True)
@@ -88,7 +88,7 @@ def test_a_run_requeued_before_its_first_checkpoint_keeps_its_wandb_run(demo_bet
     argv = tiny_args(demo_betons, run_dir, "--training.checkpoint_every_min=0", "--training.epochs=1",
                      "--training.resume=auto")
     p = subprocess.run([sys.executable, "-m", "rsb_ffcv.train", *argv, "--training.debug_signal_at=0:2:KILL"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+                       cwd=ROOT, capture_output=True, text=True, timeout=600, env=child_env())
     assert p.returncode == -9 and not (run_dir / "last.pt").exists(), p.stderr[-2000:]
     assert [m["step"] for m in metrics(run_dir)] == [1, 2]
     fit(argv)
