@@ -2,7 +2,6 @@
 import gc
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import pytest
 import torch
 import wandb_records
 import yaml
-from conftest import ROOT, run_cli, tiny_args
+from conftest import ROOT, metrics, run_cli, step_lrs, tiny_args
 from timm.data.distributed_sampler import RepeatAugSampler
 
 from rsb_ffcv import distributed, train
@@ -23,14 +22,6 @@ from rsb_ffcv.train_config import SECTIONS
 def load_config(argv, **kw):
     return _load_config(SECTIONS, argv, **kw)
 from rsb_ffcv.loaders import train_loader
-
-
-def metrics(run_dir):
-    return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
-
-
-def step_lrs(run_dir):
-    return {m["step"]: m["train/lr"] for m in metrics(run_dir) if "train/lr" in m}
 
 
 def epoch_records(run_dir):
