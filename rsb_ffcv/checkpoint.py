@@ -1,5 +1,6 @@
-"""Atomic checkpoints, resume sources (auto | PATH | wandb:ENTITY/PROJECT/NAME:ALIAS), and loading files
-that may come from other people without running their code.
+"""The run's checkpoints (`Checkpoints`: what a checkpoint holds, saving it atomically only when the weights and
+losses are finite, resuming from it exactly), resume sources (auto | PATH | wandb:ENTITY/PROJECT/NAME:ALIAS), and
+loading files that may come from other people without running their code.
 
 Every `.pt`/`.pth` file is read with `torch.load(weights_only=True)`: only tensors and plain Python values
 (and, for checkpoints written before RNG states were stored as plain values, numpy's uint32 arrays) can
@@ -9,22 +10,24 @@ user trusts that file with the tool's `trust_pickles` flag.
 """
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import random
 import re
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .cli import first_line
+from .cli import RunFailure, first_line
 from .config import ConfigError
 from .files import atomic_path
 
-# What our checkpoints written before 2026-11-28 hold besides tensors and plain values: numpy's RNG state
-# (a uint32 array). An ndarray rebuilt by the restricted unpickler cannot run code.
+# What older checkpoints of ours hold besides tensors and plain values: numpy's RNG state (a uint32 array). An
+# ndarray rebuilt by the restricted unpickler cannot run code.
 _multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
 _LEGACY_GLOBALS = [np.ndarray, np.dtype, np.dtypes.UInt32DType, _multiarray._reconstruct]
 
@@ -143,3 +146,114 @@ def load(path: str | os.PathLike, trust: bool = False, trust_flag: str = "traini
 def is_ours(ck) -> bool:
     """An rsb_ffcv checkpoint (not a bare state dict)."""
     return isinstance(ck, dict) and "model" in ck and "arch" in ck
+
+
+class LossNotFinite(RunFailure):
+    every_rank = True  # the ranks agree on it
+
+
+@dataclass
+class Progress:
+    """Where a run is: epochs done, optimizer steps done, steps done of the current epoch, best val top-1."""
+    epoch: int = 0
+    step: int = 0
+    epoch_steps_done: int = 0
+    best_top1: float = -1.0
+
+
+def _buffers(model: torch.nn.Module) -> dict:
+    return {name: b.detach().cpu().clone() for name, b in model.named_buffers()}
+
+
+def _load_buffers(model: torch.nn.Module, saved: dict | None) -> None:
+    if saved:
+        for name, b in model.named_buffers():
+            b.copy_(saved[name])
+
+
+class Checkpoints:
+    """last.pt (every save), best.pt (the best val top-1 so far) and W&B model artifacts of one run. Every rank
+    calls `save` and `resume`: a checkpoint holds every rank's random states, BatchNorm buffers and loss sum
+    (`rank_state`), so that a resumed run continues exactly as the uninterrupted one would have, on as many ranks.
+    Nothing non-finite is saved: `save` first agrees across ranks that the weights and this epoch's losses are
+    finite (one small all-reduce per save), else raises LossNotFinite naming the last finite checkpoint."""
+
+    def __init__(self, run_dir: Path, d, cfg: dict, classes: list[str]):
+        self.run_dir, self.d, self.cfg, self.classes = Path(run_dir), d, cfg, classes
+        self.last_finite: str | None = None  # "PATH (step N)": the last checkpoint known to be finite
+
+    def rank_state(self, recipe, epoch_loss: torch.Tensor) -> dict:
+        """What differs between ranks: the random states (augmentation, Mixup), the BatchNorm statistics of the
+        model and its EMA (each rank updates its own from its batches; dist_bn reduces them at an epoch's end) and
+        its sum of this epoch's losses. The weights are the same everywhere; the crops need no state (keyed by
+        seed, rank, epoch, batch)."""
+        state = {"rng": rng_state(), "buffers": _buffers(recipe.model), "epoch_loss": epoch_loss.item()}
+        if recipe.ema is not None:
+            state["ema_buffers"] = _buffers(recipe.ema.module)
+        return state
+
+    def run_state(self, recipe, progress: Progress, rank_states: list[dict], wandb_run_id: str | None) -> dict:
+        """The checkpoint. The scheduler is not in it: timm's schedulers are functions of (epoch, step) and the
+        resumed run's config (Recipe.set_lr)."""
+        return {"model": recipe.model.state_dict(), "ema": recipe.ema.state_dict() if recipe.ema else None,
+                "optimizer": recipe.optimizer.state_dict(), "scaler": recipe.scaler.state_dict(),
+                "epoch": progress.epoch, "step": progress.step, "epoch_steps_done": progress.epoch_steps_done,
+                "best_top1": progress.best_top1, "config": self.cfg, "classes": self.classes,
+                "arch": self.cfg["model.arch"], "rank_states": rank_states, "wandb_run_id": wandb_run_id}
+
+    def not_finite(self, progress: Progress) -> LossNotFinite:
+        last = f"the last finite checkpoint is {self.last_finite}" if self.last_finite else "no checkpoint was saved"
+        return LossNotFinite(f"loss is not finite at step {progress.step} (epoch {progress.epoch}); stopped, {last}")
+
+    def save(self, recipe, progress: Progress, epoch_loss: torch.Tensor, tracker, top1: float | None = None,
+             artifact: bool = False, end_of_epoch: bool = True) -> None:
+        """last.pt, and best.pt when top1 is the best so far, and a W&B artifact if asked; end_of_epoch=False: a
+        mid-epoch checkpoint (last.pt only)."""
+        bad = float(not (math.isfinite(epoch_loss.item()) and recipe.weights_finite()))
+        if self.d.all_sum([bad])[0]:
+            raise self.not_finite(progress)
+        rank_states = self.d.gather(self.rank_state(recipe, epoch_loss))
+        is_best = top1 is not None and top1 >= progress.best_top1
+        if top1 is not None:
+            progress.best_top1 = max(progress.best_top1, top1)
+        last = self.run_dir / "last.pt"
+        self.last_finite = f"{last} (step {progress.step})"
+        if not self.d.is_main:
+            return
+        state = self.run_state(recipe, progress, rank_states, tracker.run_id)
+        save_atomic(state, last)
+        if not end_of_epoch:
+            return
+        aliases = ["latest", f"epoch-{progress.epoch}"]
+        if is_best:
+            save_atomic(state, self.run_dir / "best.pt")
+            aliases.append("best")
+        if artifact:
+            tracker.log_checkpoint(last, aliases, {"epoch": progress.epoch, "step": progress.step, "val_top1": top1})
+
+    def resume(self, path: Path, recipe, progress: Progress, epoch_loss: torch.Tensor, log) -> str | None:
+        """Load `path` into the recipe, the progress and this rank's state; returns its W&B run id."""
+        s = load(path, self.cfg["training.trust_pickles"])
+        if not is_ours(s):
+            raise ConfigError(f"training.resume: '{path}' is not an rsb_ffcv checkpoint")
+        recipe.model.load_state_dict(s["model"])
+        if recipe.ema is not None and s.get("ema"):
+            recipe.ema.load_state_dict(s["ema"])
+        recipe.optimizer.load_state_dict(s["optimizer"])
+        recipe.scaler.load_state_dict(s["scaler"])
+        progress.epoch, progress.step, progress.best_top1 = s["epoch"], s["step"], s["best_top1"]
+        progress.epoch_steps_done = s["epoch_steps_done"]
+        ranks = s.get("rank_states") or [{"rng": s["rng"]}]  # older checkpoints: rank 0's random state only
+        if len(ranks) != self.d.world:
+            log(f"note: the checkpoint holds the random states of {len(ranks)} process(es) and this run has "
+                f"{self.d.world}: augmentation draws continue from fresh seeds, not as the saved run would have")
+        else:
+            mine = ranks[self.d.rank]
+            set_rng_state(mine["rng"])
+            _load_buffers(recipe.model, mine.get("buffers"))
+            epoch_loss.fill_(mine.get("epoch_loss", 0.0))
+            if recipe.ema is not None:
+                _load_buffers(recipe.ema.module, mine.get("ema_buffers"))
+        self.last_finite = f"{path} (step {progress.step})"
+        log(f"resumed from {path}: epoch {progress.epoch}, step {progress.step}")
+        return s.get("wandb_run_id")

@@ -59,14 +59,24 @@ class BoolStr(Checker):
         return "a boolean (true/false)"
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{'section': {'key': v}} (a YAML config) → {'section.key': v} (the flat config)."""
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
+            out.update(flatten(v, key + "."))
         else:
             out[key] = v
+    return out
+
+
+def nest(flat: dict) -> dict:
+    """The inverse of flatten for a flat config: {'section.key': v} → {'section': {'key': v}}."""
+    out: dict = {}
+    for key, value in flat.items():
+        section, name = key.split(".", 1)
+        out.setdefault(section, {})[name] = value
     return out
 
 
@@ -173,7 +183,7 @@ def load_config(sections: tuple[str, ...], argv: list[str] | None = None, prog: 
             raise ConfigError(f"config file '{f}' is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(content, dict):
             raise ConfigError(f"config file '{f}' must hold a mapping of sections")
-        layers.append((f"config file '{f}'", _flatten(content)))
+        layers.append((f"config file '{f}'", flatten(content)))
     layers.append(("command line", overrides))
 
     for origin, flat in layers:

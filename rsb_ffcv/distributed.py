@@ -1,5 +1,5 @@
-"""torchrun process groups (NCCL on GPUs, gloo on CPU; one process when WORLD_SIZE is unset), and how the
-ranks agree, at one optimizer step, to stop or to checkpoint.
+"""torchrun process groups (NCCL on GPUs, gloo on CPU; one process when WORLD_SIZE is unset), the sums and
+gathers the ranks share, and each process's share of its node's cores (how the ranks agree to stop: `stops`).
 
 Ranks: the global RANK decides what a process does for the run (its share of the data, whether it writes:
 rank 0 only); the node-local LOCAL_RANK / LOCAL_WORLD_SIZE decide what it takes of its node (its GPU, its
@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from .config import ConfigError
+from .datasets.images import available_cpus
 
 
 @dataclass
@@ -86,43 +87,10 @@ def _attempt_store() -> dist.Store:
     return dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
-class StepAgreement:
-    """Every rank leaves the training loop, or checkpoints, at the same optimizer step when any rank asks.
-
-    A signal only sets a flag on the rank that got it; a rank's clock says when a timed checkpoint is due. At
-    every optimizer step each rank calls `poll(stop, checkpoint)`: it reads the sums of the flags that the ranks
-    sent at the previous step, then sends its current flags, as an asynchronous all-reduce of two CPU floats on
-    a gloo group of its own. All ranks read the same sums at the same step, so they act together, one or two
-    steps after the first rank asked. Nothing waits on the GPU (the values live on the host), and the wait for
-    the previous step's all-reduce is over before it starts unless another rank's host is a step behind, which
-    the next gradient all-reduce would wait for anyway. Why not piggyback on the loss check every `log_every`
-    steps: that can be 50 steps, over a minute for A1 on V100s, longer than torchrun's or a scheduler's grace
-    period before SIGKILL.
-    """
-
-    def __init__(self, world: int):
-        self.world = world
-        self.group = dist.new_group(backend="gloo") if world > 1 else None
-        self.pending = None  # (work, tensor) sent at the previous step
-
-    def poll(self, stop: bool, checkpoint: bool = False) -> tuple[bool, bool]:
-        """(stop, checkpoint) as agreed by all ranks for this step."""
-        if self.world == 1:
-            return stop, checkpoint
-        agreed = (False, False)
-        if self.pending is not None:
-            work, flags = self.pending
-            work.wait()
-            agreed = (flags[0].item() > 0, flags[1].item() > 0)  # a CPU tensor: no device sync
-        flags = torch.tensor([float(stop), float(checkpoint)])
-        self.pending = (dist.all_reduce(flags, group=self.group, async_op=True), flags)
-        return agreed
-
-    def close(self) -> None:
-        """Wait for the last all-reduce (every rank sent it) so that no collective is left in flight."""
-        if self.pending is not None:
-            self.pending[0].wait()
-            self.pending = None
+def cores_per_process(local_world: int) -> int:
+    """This process's share of the cores it may run on (its affinity mask, e.g. Slurm's allocation), when
+    `local_world` processes share them."""
+    return max(1, available_cpus() // local_world)
 
 
 def shutdown():

@@ -8,14 +8,15 @@ writes results.json, logs a W&B summary and table when logging is on. torchrun f
 """
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import re
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from fastargs import Param, Section
 
 from . import cli, distributed, loaders
@@ -91,19 +92,23 @@ def real_accuracy(top: np.ndarray, label_sets: list[list[int]], k: int) -> float
 
 
 @torch.no_grad()
-def predict(model, loader, device, precision, flip_tta: bool, k: int, threads: int):
-    """Top-k predictions (N×k) and labels in this rank's record order."""
-    normalize = Normalize().to(device)
-    tops, labels = [], []
-    for images, y in loaders.epoch(loader, threads):
-        x = normalize(images)
-        with precision.autocast():
-            logits = model(x).float()
-            if flip_tta:
-                logits = (logits + model(x.flip(3)).float()) / 2
-        tops.append(logits.topk(k, dim=1).indices.cpu())
-        labels.append(y.cpu())
-    return torch.cat(tops).numpy(), torch.cat(labels).numpy()
+def predict(model, loader, device, precision, k: int, threads: int, flip_tta: bool = False):
+    """Top-k predictions (N×k) and labels of this rank's records, in its record order, and the sum of their
+    cross-entropy losses. The trainer's validation and this tool run this one loop."""
+    model.eval()
+    normalize = Normalize().to(device)  # the normalisation of training (TrainAugment's)
+    tops, labels, loss = [], [], torch.zeros((), dtype=torch.float64, device=device)
+    with contextlib.closing(loaders.epoch(loader, threads)) as batches:
+        for images, y in batches:
+            x = normalize(images)
+            with precision.autocast():
+                logits = model(x).float()
+                if flip_tta:
+                    logits = (logits + model(x.flip(3)).float()) / 2
+            loss += F.cross_entropy(logits, y, reduction="sum").double()
+            tops.append(logits.topk(k, dim=1).indices.cpu())
+            labels.append(y.to("cpu", copy=True))  # FFCV reuses its batch buffers (on the CPU: y itself)
+    return torch.cat(tops).numpy(), torch.cat(labels).numpy(), loss.item()
 
 
 def gather_in_record_order(d, array: np.ndarray) -> np.ndarray:
@@ -131,7 +136,7 @@ def evaluate(cfg: dict, d) -> list[dict]:
         if not label_sets:
             raise ConfigError("eval.real_labels is given but no dataset holds ILSVRC2012_val_* files")
     precision = choose_precision("auto", d.device)
-    threads = max(1, len(os.sched_getaffinity(0)) // d.local_world)
+    threads = distributed.cores_per_process(d.local_world)
     workers = cfg["eval.num_workers"] or threads
     rows = []
     for spec in [s for s in cfg["eval.models"].split(",") if s]:
@@ -141,15 +146,15 @@ def evaluate(cfg: dict, d) -> list[dict]:
             loader = loaders.val_loader(b, cfg["eval.batch_size"], cfg["eval.resolution"], cfg["eval.crop_ratio"],
                                         d.device, num_workers=workers, rank=d.rank, world=d.world, os_cache=True,
                                         batches_ahead=2, interpolation=cfg["eval.interpolation"])
-            k = min(5, len(m.classes))
-            top, labels = predict(m.model, loader, d.device, precision, cfg["eval.flip_tta"], k, threads)
+            k = min(5, len(m.classes))  # top5 means top-k with fewer classes
+            top, labels, _ = predict(m.model, loader, d.device, precision, k, threads, cfg["eval.flip_tta"])
             top, labels = gather_in_record_order(d, top), gather_in_record_order(d, labels)
             row = {"model": m.name, "source": m.source, "dataset": Path(b).stem, "beton": b, "images": len(labels),
                    "top1": 100.0 * float((top[:, 0] == labels).mean()),
-                   f"top{k}": 100.0 * float((top == labels[:, None]).any(1).mean())}
+                   "top5": 100.0 * float((top == labels[:, None]).any(1).mean())}
             if b in label_sets:
                 row["real_top1"] = real_accuracy(top, label_sets[b], 1)
-                row[f"real_top{k}"] = real_accuracy(top, label_sets[b], k)
+                row["real_top5"] = real_accuracy(top, label_sets[b], k)
             rows.append(row)
     return rows
 

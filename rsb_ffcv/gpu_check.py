@@ -20,6 +20,7 @@ code runs at toy sizes: a rehearsal, and what the test suite runs.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -143,18 +144,16 @@ def profile_step(config: str, beton: str, device: torch.device, batch: int, over
     (or CPU) time, and the share of the wall time the GPU was idle."""
     from torch.profiler import ProfilerActivity, profile
     with bench_train.bench_trainer(config, beton, device.type, batch, overrides) as t:
-        t.train_model.train()
-        images, labels = bench_train.first_batch(t)
-        for _ in range(3):  # warm-up (cuDNN autotuning, allocator)
-            t.forward_backward(images, labels)
-            t.optimizer_step()
+        t.recipe.train_model.train()
+        batches = itertools.repeat(t.data.train.first_batch())
+        for step in range(3):  # warm-up (cuDNN autotuning, allocator)
+            t.recipe.train_step(batches, step)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         sync(device)
         t0 = time.perf_counter()
         with profile(activities=activities) as prof:
-            for _ in range(steps):
-                t.forward_backward(images, labels)
-                t.optimizer_step()
+            for step in range(3, 3 + steps):
+                t.recipe.train_step(batches, step)
             sync(device)
         wall = time.perf_counter() - t0
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
@@ -177,27 +176,30 @@ def timm_pipeline(config: str, beton: str, corpus: Path, n: int, device: torch.d
     with bench_train.bench_trainer(config, beton, device.type, batch, overrides) as t:
         loader = timm_loader(str(corpus), n, t.cfg["resolution.train"], batch, cores, rand_augment=True,
                              pin_memory=device.type == "cuda")
-        t.train_model.train()
-        timed = images = 0
-        t0 = None
-        for i, (x, y) in enumerate(loader):
-            if i == 3:
+        r = t.recipe
+        mix = r.augment.mixup or (lambda x, y: (x, y))  # timm's transforms normalised already
+        taken = []  # images per batch
+
+        def device_batches():
+            for x, y in loader:
+                taken.append(len(x))
+                yield (x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last),
+                       y.to(device, non_blocking=True))
+        batches, t0, start = device_batches(), None, 0
+        r.train_model.train()
+        for step in range(3 + steps):
+            if step == 3:
                 sync(device)
-                t0 = time.perf_counter()
-            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            x, y = t.augment.mixup(x, y.to(device, non_blocking=True)) if t.augment.mixup else (x, y)
-            with t.precision.autocast():
-                loss = t.loss_fn(t.train_model(x), y)
-            t.scaler.scale(loss).backward()
-            t.optimizer_step()
-            if t0 is not None:
-                timed, images = timed + 1, images + len(x)
-                if timed == steps:
-                    break
+                t0, start = time.perf_counter(), len(taken)
+            try:
+                r.train_step(batches, step, augment=mix)
+            except StopIteration:  # the corpus ended
+                break
         sync(device)
-        if t0 is None or timed == 0:
+        if t0 is None or len(taken) == start:
             raise RuntimeError("the corpus holds too few batches for timm's pipeline: raise the corpus size")
-        return {"images_per_s": images / (time.perf_counter() - t0), "steps": timed, "workers": cores}
+        return {"images_per_s": sum(taken[start:]) / (time.perf_counter() - t0), "steps": len(taken) - start,
+                "workers": cores}
 
 
 def trainer_for(beton: str, run_dir: str, d, *extra: str) -> Trainer:
@@ -214,27 +216,23 @@ def check_training(beton: str, d, arch: str, compile_model: bool, steps: int) ->
         t = trainer_for(beton, run_dir, d, f"--model.arch={arch}", f"--model.compile={compile_model}",
                         "--training.batch_size=64", "--lr.warmup_epochs=0", "--lr.lr=0.005",
                         "--augment.rand_augment=", "--augment.mixup_alpha=0", "--augment.cutmix_alpha=0")
-        t.train_model.train()
-        images, labels = bench_train.first_batch(t)
+        t.recipe.train_model.train()
+        batches = itertools.repeat(t.data.train.first_batch())
         t0 = time.perf_counter()
-        losses = []
-        for _ in range(steps):
-            losses.append(float(t.forward_backward(images, labels)))
-            t.optimizer_step()
+        losses = [float(t.recipe.train_step(batches, step)) for step in range(steps)]
         seconds = time.perf_counter() - t0
         t.tracker.finish(0)
     with tempfile.TemporaryDirectory() as run_dir:
         t = trainer_for(beton, run_dir, d, f"--model.arch={arch}", "--training.batch_size=64")
-        t.train_model.train()
-        images, labels = bench_train.first_batch(t)
-        x, y = t.augment(images, labels)
-        mixed = bool(y.dtype.is_floating_point and y.shape == (64, len(t.classes)))
-        a3_loss = float(t.forward_backward(images, labels))
-        t.optimizer_step()
+        t.recipe.train_model.train()
+        images, labels = t.data.train.first_batch()
+        x, y = t.recipe.augment(images, labels)
+        mixed = bool(y.dtype.is_floating_point and y.shape == (64, len(t.data.classes)))
+        a3_loss = float(t.recipe.train_step(iter([(images, labels)]), 0))
         t.tracker.finish(0)
     finite = all(map(lambda v: v == v and abs(v) != float("inf"), [*losses, a3_loss]))
     return {"passed": bool(finite and losses[-1] < losses[0] and mixed), "arch": arch, "compile": compile_model,
-            "precision": t.precision.name, "losses": [round(v, 4) for v in losses],
+            "precision": t.recipe.precision.name, "losses": [round(v, 4) for v in losses],
             "a3_step_loss_with_randaugment_mixup_cutmix_bce": round(a3_loss, 4), "soft_targets": mixed,
             "seconds": round(seconds, 1)}
 
@@ -255,6 +253,22 @@ def run_stage(results: dict, name: str, fn, deadline: float, needs_s: float):
         results[name] = {"passed": False, "error": f"{type(e).__name__}: {e}"}
     results[name]["stage_seconds"] = round(time.perf_counter() - t0, 1)
     print(f"[{name}] {json.dumps(results[name])[:300]}", flush=True)
+
+
+def verdict(results: dict, allow_skip: bool) -> str:
+    """Sets results' skipped, failed and passed from its stages (a stage skipped for time fails the check unless
+    allow_skip); returns the verdict line."""
+    stages = {k: r for k, r in results.items() if isinstance(r, dict) and k not in ("machine", "corpus", "derived")}
+    skipped = [k for k, r in stages.items() if "skipped" in r]
+    failed = [k for k, r in stages.items() if "error" in r or (r.get("passed") is False and "skipped" not in r)]
+    results["skipped"], results["failed"] = skipped, failed
+    results["passed"] = not failed and (not skipped or allow_skip)
+    if results["passed"]:
+        return "PASSED"
+    why = [f"{len(failed)} failed"] if failed else []
+    if skipped and not allow_skip:
+        why.append(f"{len(skipped)} skipped: set gpu_check.allow_skip=true to accept that")
+    return f"FAILED ({', '.join(why)})"
 
 
 def summary_table(results: dict) -> str:
@@ -364,15 +378,9 @@ def check(argv=None) -> int:
                 a3_config, beton, device.type, a3_batch, a3_timed, [*a3_overrides, *extra]), deadline,
                       180 if "compiled" in name else 60)
     derived_figures(results)
-    stages = {k: r for k, r in results.items() if isinstance(r, dict) and k not in ("machine", "corpus", "derived")}
-    skipped = [k for k, r in stages.items() if "skipped" in r]
-    failed = [k for k, r in stages.items() if "error" in r or (r.get("passed") is False and "skipped" not in r)]
-    results["skipped"], results["failed"] = skipped, failed
-    results["passed"] = not failed and (not skipped or cfg["gpu_check.allow_skip"])
+    line = verdict(results, cfg["gpu_check.allow_skip"])
     save_json(out / "gpu_check.json", results)
-    verdict = "PASSED" if results["passed"] else "FAILED" + (f" ({len(failed)} failed" if failed else " (") + \
-        (f", {len(skipped)} skipped: set gpu_check.allow_skip=true to accept that)" if skipped else ")")
-    print(f"\nsaved {out / 'gpu_check.json'}\n{summary_table(results)}\n{verdict}")
+    print(f"\nsaved {out / 'gpu_check.json'}\n{summary_table(results)}\n{line}")
     return 0 if results["passed"] else 1
 
 

@@ -1,4 +1,9 @@
-"""FFCV pipelines for training and evaluation (the traversal order is `orders.TrainOrder`).
+"""FFCV pipelines for training and evaluation (the traversal order is `orders.TrainOrder`), and the trainer's
+data side (`build_data`): the device batch and accumulation, the per-process thread share, the read plan, both
+loaders and the steps per epoch.
+
+This module (with `orders`) is the only one that touches FFCV's loader internals: `TrainStream` is the facade the
+trainer, the benchmarks and the GPU check use for the train loader, `epoch` starts an epoch of any loader.
 
 Contract of both loaders: (images uint8 N×3×H×W in channels-last memory on `device`, labels int64 N on
 `device`). Every numba stage comes before the first torch stage: FFCV 1.0.2's Loader constructor loops
@@ -6,7 +11,13 @@ forever on JIT → non-JIT → JIT pipelines.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import math
 import queue
+import socket
+import threading
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -18,6 +29,9 @@ from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, T
 from .cli import RunFailure
 from .config import ConfigError
 from .crop_decoder import CenterCropDecoder, RandomResizedCropDecoder
+from .datasets.betons import open_dataset
+from .distributed import cores_per_process
+from .memory import plan_reads
 from .orders import TrainOrder, record_pages
 
 
@@ -50,7 +64,8 @@ class _WatchedQueue:
 
 def epoch(loader: Loader, torch_threads: int):
     """Start an epoch of `loader`: an iterator that raises instead of hanging if FFCV's thread dies, and that
-    moves the page-local order's windows through the page cache as batches are taken.
+    moves the page-local order's windows through the page cache as batches are taken. Close it (`close()`, or
+    `contextlib.closing`) when leaving the epoch early, an error included, or FFCV's thread keeps running.
 
     FFCV sets torch's global thread count to its own worker count on every iter(); the compute thread
     count is restored here.
@@ -60,8 +75,20 @@ def epoch(loader: Loader, torch_threads: int):
     if windows is not None:
         windows.attach(it.memory_context.mmap)
     it.output_queue = _WatchedQueue(it.output_queue, it, windows.on_batch if windows is not None else None)
+    it.close = functools.partial(_close, it, it.close)
     torch.set_num_threads(torch_threads)
     return it
+
+
+def _close(it, ffcv_close) -> None:
+    """An EpochIterator's close() that returns once its thread has stopped. FFCV 1.0.2's only flags the thread, which
+    goes on decoding into the loader's batch buffers until its queue is full and then waits up to 0.5 s: the next
+    epoch's thread, writing the same buffers, would race with it (nondeterministic batches after an epoch left
+    early: a step cap, a stop, a resumed epoch)."""
+    it.terminate_event.set()
+    if it is not threading.current_thread() and it.is_alive():
+        it.join(timeout=120)
+    ffcv_close()
 
 
 def _label_pipeline(device):
@@ -114,11 +141,6 @@ def buffer_bytes(batch_size: int, resolution: int, batches_ahead: int) -> int:
     return 2 * (batches_ahead + 2) * batch_size * resolution * resolution * 3
 
 
-def set_train_resolution(decoder, resolution: int) -> None:
-    """Progressive resizing: FFCV reallocates from output_size at the next epoch, no recompilation."""
-    decoder.output_size = (resolution, resolution)
-
-
 def val_loader(path: str, batch_size: int, resolution: int, crop_ratio: float, device: torch.device, *,
                num_workers: int, rank: int, world: int, batches_ahead: int, os_cache: bool = True,
                decoder: str = "fast", interpolation: str = "bicubic", indices=None):
@@ -136,7 +158,8 @@ def val_loader(path: str, batch_size: int, resolution: int, crop_ratio: float, d
 
 
 def progressive_resolution(epoch: int, start: int, end: int, start_epoch: int, end_epoch: int, default: int) -> int:
-    """ffcv-imagenet's linear ramp, rounded down to a multiple of 32."""
+    """ffcv-imagenet's linear ramp from `start` px at start_epoch to `end` px at end_epoch, rounded to a multiple
+    of 32 (`default` when start is 0: off)."""
     if start <= 0:
         return default
     if epoch <= start_epoch:
@@ -145,3 +168,114 @@ def progressive_resolution(epoch: int, start: int, end: int, start_epoch: int, e
         return end
     interp = np.interp([epoch], [start_epoch, end_epoch], [start, end])
     return int(np.round(interp[0] / 32)) * 32
+
+
+class TrainStream:
+    """The train loader as the trainer sees it: an epoch of micro-batches from a given step on, at the epoch's
+    resolution (progressive resizing: `resolution_at(epoch)`), its order's digest. FFCV's loader, our
+    `TrainOrder` and the crop decoder stay inside."""
+
+    def __init__(self, loader: Loader, decoder, compute_threads: int, resolution_at=None):
+        self.loader, self.decoder, self.compute_threads = loader, decoder, compute_threads
+        self.resolution_at = resolution_at
+
+    @property
+    def order(self) -> TrainOrder:
+        return self.loader.traversal_order
+
+    def __len__(self) -> int:
+        """Micro-batches per epoch of this process."""
+        return len(self.loader)
+
+    def epoch(self, number: int, skip_batches: int = 0):
+        """An iterator over epoch `number`'s micro-batches after the first `skip_batches` (a resumed epoch). Close
+        it when leaving early (`contextlib.closing`)."""
+        if self.resolution_at is not None:  # FFCV reallocates from output_size at the next epoch, no recompilation
+            res = self.resolution_at(number)
+            self.decoder.output_size = (res, res)
+        self.order.skip_batches = skip_batches
+        self.loader.next_epoch = number
+        return epoch(self.loader, self.compute_threads)
+
+    def first_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A copy of epoch 0's first micro-batch (FFCV reuses its buffers); the loader's thread is stopped."""
+        with contextlib.closing(self.epoch(0)) as it:
+            return tuple(t.clone() for t in next(it))
+
+
+def device_batch(global_batch: int, world: int, max_device_batch: int) -> tuple[int, int]:
+    """(per-device micro-batch, accumulation steps) so that micro × world × accum = global batch."""
+    if global_batch % world:
+        raise ConfigError(f"training.batch_size={global_batch} does not divide over {world} processes")
+    per_rank = global_batch // world
+    accum = 1
+    if max_device_batch and per_rank > max_device_batch:
+        accum = math.ceil(per_rank / max_device_batch)
+        while per_rank % accum:
+            accum += 1
+    return per_rank // accum, accum
+
+
+@dataclass
+class Data:
+    classes: list[str]
+    micro_batch: int  # per device
+    accum: int  # micro-batches per optimizer step
+    train: TrainStream
+    val: Loader
+    steps_per_epoch: int
+    compute_threads: int
+    in_memory: bool  # the exact random order (False: page-local)
+
+    @property
+    def data_order(self) -> str:
+        return "exact random" if self.in_memory else "page-local"
+
+
+def build_data(cfg: dict, d) -> Data:
+    """Both loaders of this process (rank d.rank of d.world) from the trainer's config: ConfigError (one line)
+    for betons whose classes differ, a batch that does not divide, an odd batch with Mixup, an epoch shorter
+    than a step."""
+    train_meta, val_meta = open_dataset(cfg["data.train_dataset"]), open_dataset(cfg["data.val_dataset"])
+    classes = train_meta["classes"]
+    if val_meta["classes"] != classes:
+        raise ConfigError(
+            f"'{cfg['data.train_dataset']}' has {len(classes)} classes ({', '.join(classes[:3])}, ...) "
+            f"but '{cfg['data.val_dataset']}' has {len(val_meta['classes'])} "
+            f"({', '.join(val_meta['classes'][:3])}, ...): write the val beton with "
+            f"--source.classes_from=<the train beton's .json> so that label i means the same class")
+    micro, accum = device_batch(cfg["training.batch_size"], d.world, cfg["training.max_device_batch"])
+    if (cfg["augment.mixup_alpha"] > 0 or cfg["augment.cutmix_alpha"] > 0) and micro % 2:
+        raise ConfigError(f"Mixup/CutMix need an even per-device batch; got {micro}")
+    share = cores_per_process(d.local_world)
+    threads, workers = cfg["training.cpu_threads"] or share, cfg["data.num_workers"] or share
+    print(f"rank {d.rank}/{d.world} (node-local {d.local_rank}/{d.local_world}) on {socket.gethostname()}: "
+          f"{d.device}, {threads} compute threads, {workers} decode threads", flush=True)
+    common = dict(num_workers=workers, batches_ahead=cfg["data.batches_ahead"], decoder=cfg["data.decoder"])
+    largest = max(cfg["resolution.train"], cfg["resolution.progressive_end"])
+    buffers = sum(buffer_bytes(micro, res, cfg["data.batches_ahead"]) for res in (largest, cfg["resolution.test"]))
+    reads = plan_reads(cfg["data.train_dataset"], cfg["data.in_memory"], cfg["data.shuffle_window_mib"],
+                       d.local_world, buffers, agree_min=d.all_min)
+    if d.is_main:
+        print(reads.line, flush=True)
+    loader, decoder = train_loader(
+        cfg["data.train_dataset"], micro, cfg["resolution.train"], d.device, seed=cfg["training.seed"],
+        repeats=cfg["training.repeated_aug"], rank=d.rank, world=d.world, accum=accum,
+        window_pages=reads.window_pages, interpolation=cfg["data.train_interpolation"], **common)
+    schedule = None
+    if cfg["resolution.progressive_start"] > 0:
+        schedule = functools.partial(
+            progressive_resolution, start=cfg["resolution.progressive_start"], end=cfg["resolution.progressive_end"],
+            start_epoch=cfg["resolution.progressive_start_epoch"], end_epoch=cfg["resolution.progressive_end_epoch"],
+            default=cfg["resolution.train"])
+    val = val_loader(cfg["data.val_dataset"], micro, cfg["resolution.test"], cfg["resolution.test_crop_ratio"],
+                     d.device, rank=d.rank, world=d.world, os_cache=True, interpolation=cfg["data.test_interpolation"],
+                     **common)
+    steps = len(loader) // accum  # the order holds whole steps
+    if cfg["training.steps_per_epoch"]:
+        steps = min(steps, cfg["training.steps_per_epoch"])
+    if steps == 0:
+        raise ConfigError(f"training.batch_size={cfg['training.batch_size']} is larger than an epoch of "
+                          f"'{cfg['data.train_dataset']}': lower it")
+    return Data(classes, micro, accum, TrainStream(loader, decoder, threads, schedule), val, steps, threads,
+                reads.in_memory)

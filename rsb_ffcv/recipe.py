@@ -1,12 +1,16 @@
-"""The recipe's components, built from timm: model, optimizer, LR schedule, loss, precision.
+"""The recipe's components, built from timm: model, EMA, optimizer, LR schedule, loss, precision, device
+augmentation; and `Recipe.train_step`, the one optimizer step (micro-batches, DDP's gradient sync on the last
+one, GradScaler, clipping, EMA, the per-update rate) that the trainer, the benchmarks and the GPU check run.
 
 Device-specific choices (autocast dtype, GradScaler, compile) are decided here once, from the device.
 """
 from __future__ import annotations
 
 import contextlib
+import random
 from dataclasses import dataclass
 
+import numpy as np
 import timm
 import torch
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -93,3 +97,113 @@ def compile_model(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
     """torch.compile on any device (inductor: Triton on GPUs, C++ via the system compiler on CPUs). Compile
     the DDP-wrapped module, so that compiled graphs break at DDP's bucket boundaries (PyTorch's advice)."""
     return torch.compile(model) if enabled else model
+
+
+@dataclass
+class Recipe:
+    """The built recipe of one process. `train_model` is what runs forward (DDP-wrapped and/or compiled);
+    `model` the plain module whose state is saved, evaluated and averaged by the EMA."""
+    model: torch.nn.Module
+    ema: object  # timm ModelEmaV3 or None
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    scheduler: object
+    total_epochs: int  # with cooldown
+    step_unit: str  # epoch | update
+    ddp: torch.nn.parallel.DistributedDataParallel | None
+    train_model: torch.nn.Module
+    augment: torch.nn.Module  # TrainAugment
+    loss_fn: object
+    precision: Precision
+    accum: int
+    clip_grad: float
+
+    def set_lr(self, epoch: int, step: int) -> None:
+        """The rate at the start of `epoch` (step_unit=epoch, timm 2021) or of update `step` (update)."""
+        if self.step_unit == "epoch":
+            self.scheduler.step(epoch)
+        else:
+            self.scheduler.step_update(num_updates=step)
+
+    def train_step(self, batches, step: int, augment=None) -> torch.Tensor:
+        """Optimizer step `step` (counted from 0) on the next `accum` micro-batches of the iterator `batches`, taken
+        one at a time (FFCV reuses its buffers): device augmentation (`augment`, default the recipe's), forward
+        under autocast, scaled backward (DDP all-reduces the gradients on the last micro-batch only), then clip,
+        GradScaler step, EMA and, per update, the next rate. Returns the mean micro-batch loss (not synced)."""
+        augment = augment or self.augment
+        loss_sum = 0.0
+        for k in range(self.accum):
+            images, labels = next(batches)
+            x, y = augment(images, labels)
+            with self.ddp.no_sync() if self.ddp is not None and k < self.accum - 1 else contextlib.nullcontext():
+                with self.precision.autocast():
+                    loss = self.loss_fn(self.train_model(x), y)
+                self.scaler.scale(loss / self.accum).backward()
+            loss_sum = loss_sum + loss.detach()
+        if self.clip_grad > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model, step=step)
+        if self.step_unit == "update":
+            self.scheduler.step_update(num_updates=step + 1)
+        return loss_sum / self.accum
+
+    def reduce_batchnorm(self, world: int, mode: str) -> None:
+        """Make the BatchNorm running statistics of every rank equal (timm's --dist-bn with its distribute_bn:
+        reduce = average, broadcast = rank 0's), so that every rank evaluates, and a checkpoint holds, one model."""
+        if world == 1 or mode == "none":
+            return
+        from timm.utils import distribute_bn
+        for model in [self.model] + ([self.ema.module] if self.ema is not None else []):
+            distribute_bn(model, world, reduce=mode == "reduce")
+
+    def weights_finite(self) -> bool:
+        return all(bool(p.isfinite().all()) for p in self.model.parameters())
+
+    def checkpoint_bytes(self) -> int:
+        """About the size of a checkpoint: the weights, the optimizer's moments (LAMB/AdamW: 2 per weight, SGD
+        with momentum: 1) and the EMA's copy."""
+        weights = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
+        moments = 1 if isinstance(self.optimizer, torch.optim.SGD) else 2
+        return weights * (1 + moments + (self.ema is not None))
+
+
+def build_recipe(cfg: dict, d, num_classes: int, steps_per_epoch: int, accum: int, loss_hook=None) -> Recipe:
+    """Everything of the trainer's config but the data, for process d.rank: the weights from training.seed (the
+    same on every rank), then torch/numpy/random seeded with seed + rank (augmentation differs per rank).
+    `loss_hook(loss_fn)`: a wrapper of the loss (the tests' NaN hook)."""
+    from .augment import TrainAugment
+    torch.manual_seed(cfg["training.seed"])
+    configure_backends(d.device)
+    precision = choose_precision(cfg["training.precision"], d.device)
+    model = build_model(cfg["model.arch"], num_classes, cfg["model.drop_path"], cfg["model.channels_last"], d.device)
+    ema = None
+    if cfg["training.ema"]:
+        from timm.utils import ModelEmaV3
+        ema = ModelEmaV3(model, decay=cfg["training.ema_decay"])
+    optimizer = build_optimizer(model, cfg["optim.opt"], cfg["lr.lr"], cfg["optim.weight_decay"],
+                                cfg["optim.momentum"])
+    ddp = None
+    if d.world > 1:
+        ids = [d.device.index] if d.device.type == "cuda" else None
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    augment = TrainAugment(num_classes, cfg["augment.rand_augment"], cfg["augment.interpolation"],
+                           cfg["augment.mixup_alpha"], cfg["augment.cutmix_alpha"], cfg["augment.mixup_prob"],
+                           cfg["augment.mixup_switch_prob"], cfg["augment.mixup_mode"],
+                           cfg["training.label_smoothing"]).to(d.device)
+    loss_fn = build_loss(cfg["training.loss"], augment.mixup_active, cfg["training.label_smoothing"],
+                         cfg["training.bce_target_thresh"])
+    scheduler, total_epochs = build_scheduler(
+        optimizer, cfg["training.epochs"], steps_per_epoch, cfg["lr.warmup_epochs"], cfg["lr.warmup_lr"],
+        cfg["lr.min_lr"], cfg["lr.cooldown_epochs"], cfg["lr.step_unit"])
+    seed = cfg["training.seed"] + d.rank
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    return Recipe(model, ema, optimizer, precision.grad_scaler(), scheduler, total_epochs, cfg["lr.step_unit"], ddp,
+                  compile_model(ddp or model, cfg["model.compile"]), augment,
+                  loss_hook(loss_fn) if loss_hook else loss_fn, precision, accum, cfg["optim.clip_grad"])

@@ -22,9 +22,9 @@ import yaml
 from fastargs import Param, Section
 
 from . import cli, rsb_paper
-from .config import Choice, ConfigError, load_config
+from .config import Choice, ConfigError, flatten, load_config
 from .files import atomic_path, save_json
-from .tracking import curves_figure, epoch_curves
+from .tracking import curves_figure, epoch_curves, read_metrics
 
 Section("report", "the comparison page").params(
     runs=Param(str, "run folders or globs, comma-separated (each holds config.yaml and metrics.jsonl)", required=True),
@@ -41,31 +41,10 @@ Section("report", "the comparison page").params(
 SECTIONS = ("report",)
 # Keys that name files, outputs or debugging, not the recipe: runs differing only in these (and the seed) group.
 NOT_RECIPE = ("logging.", "data.train_dataset", "data.val_dataset", "training.resume", "training.trust_pickles",
-              "training.debug_", "training.seed", "training.device", "data.num_workers")
+              "training.seed", "training.device", "data.num_workers")
 
 
 # ---- reading --------------------------------------------------------------------------------------------------
-def flat(nested: dict) -> dict:
-    return {f"{s}.{k}": v for s, keys in nested.items() if isinstance(keys, dict) for k, v in keys.items()}
-
-
-def read_metrics(path: Path) -> tuple[list[dict], str | None]:
-    """The whole lines of metrics.jsonl, and a note when the file ends in a partial line (a run killed mid-write)."""
-    rows, note = [], None
-    lines = path.read_text().split("\n") if path.exists() else []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            if i == len(lines) - 1:
-                note = "metrics.jsonl ends in a partial line (a run stopped mid-write): read up to the last whole line"
-            else:
-                raise ConfigError(f"'{path}' line {i + 1} is not JSON: a damaged metrics file") from None
-    return rows, note
-
-
 def median(values):
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
@@ -76,7 +55,7 @@ def read_run(folder: Path) -> dict:
     if not cfg_path.is_file():
         raise ConfigError(f"'{folder}' is not a run folder (no config.yaml): give folders written by "
                           f"python -m rsb_ffcv.train (logging.run_dir)")
-    cfg = flat(yaml.safe_load(cfg_path.read_text()) or {})
+    cfg = flatten(yaml.safe_load(cfg_path.read_text()) or {})
     rows, note = read_metrics(folder / "metrics.jsonl")
     facts = json.loads((folder / "run.json").read_text()) if (folder / "run.json").is_file() else {}
     epochs = [r for r in rows if "train/epoch_loss" in r]

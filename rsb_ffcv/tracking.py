@@ -1,4 +1,5 @@
-"""Metrics to W&B and to a local metrics.jsonl; checkpoints as W&B model artifacts. Rank 0 only.
+"""Metrics to W&B and to a local metrics.jsonl (`Tracker`, rank 0 only; `read_metrics` reads it back for every
+tool); checkpoints as W&B model artifacts; the training step metrics (`StepMeter`); the per-epoch curves.
 
 W&B never costs a run. wandb_mode=auto is online when credentials are configured (WANDB_API_KEY or a
 netrc entry) and the server answers a quick probe, else offline, saying so in one line with the
@@ -18,6 +19,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
+
+import torch
 
 from .cli import first_line
 from .config import ConfigError
@@ -57,9 +60,10 @@ def _probe(url: str, timeout: float) -> str | None:  # once per server and proce
     return None
 
 
-def offline_note(key: str, why: str) -> str:
-    return (f"W&B: {wandb_base_url()} cannot be reached ({why}); logging offline instead ({key}=auto). Upload "
-            f"later from a machine with network: wandb sync <run_dir>/wandb/offline-run-*")
+def offline_note(key: str, what: str) -> str:
+    """The one line of wandb_mode=auto going offline; `what` the server did ("cannot be reached (...)")."""
+    return (f"W&B: {wandb_base_url()} {what}; logging offline instead ({key}=auto). Upload later from a machine "
+            f"with network: wandb sync <run_dir>/wandb/offline-run-*")
 
 
 def online_error(key: str, why: str) -> ConfigError:
@@ -77,9 +81,26 @@ def resolve_wandb_mode(mode: str, key: str = "logging.wandb_mode") -> str:
             return "online"
         if mode == "online":
             raise online_error(key, why)
-        print(offline_note(key, why), flush=True)
+        print(offline_note(key, f"cannot be reached ({why})"), flush=True)
         return "offline"
     return mode
+
+
+def read_metrics(path: Path) -> tuple[list[dict], str | None]:
+    """The whole lines of metrics.jsonl, and a note when the file ends in a partial line (a run killed mid-write)."""
+    rows, note = [], None
+    lines = path.read_text().split("\n") if path.exists() else []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if i == len(lines) - 1:
+                note = "metrics.jsonl ends in a partial line (a run stopped mid-write): read up to the last whole line"
+            else:
+                raise ConfigError(f"'{path}' line {i + 1} is not JSON: a damaged metrics file") from None
+    return rows, note
 
 
 def keep_records_until(path: Path, step: int) -> None:
@@ -130,7 +151,7 @@ class Tracker:
                     self.jsonl.close()
                     raise ConfigError(f"W&B could not start a run ({type(e).__name__}: {first_line(e)}): set "
                                       f"{key}=offline or disabled") from None
-                print(offline_note(key, f"{type(e).__name__} from wandb.init"), flush=True)
+                print(offline_note(key, f"refused the run ({type(e).__name__}: {first_line(e)})"), flush=True)
                 self.mode = "offline"
                 self.run = wandb.init(mode="offline", **kwargs)
         self.offline_dir = Path(self.run.dir).parent if self.run is not None and self.mode == "offline" else None
@@ -190,6 +211,54 @@ class Tracker:
         self._wandb("finish", lambda: self.run.finish(exit_code=exit_code))
 
 
+class StepMeter:
+    """The training metrics of a logging window (the steps since the last log): mean loss over steps and ranks,
+    images/s, the share of the wall time the main thread waited for batches (`batches`), peak GPU memory."""
+
+    def __init__(self, d, images_per_step: int):
+        self.d, self.images_per_step = d, images_per_step
+        self.resolution = None  # of the last batch taken
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss = torch.zeros((), device=self.d.device)  # this rank's sum of step losses (no device sync)
+        self.steps, self.wait, self.t0 = 0, 0.0, time.perf_counter()
+
+    def batches(self, it):
+        """The batches of `it`, timing the waits for each."""
+        while True:
+            t0 = time.perf_counter()
+            batch = next(it, None)
+            if batch is None:
+                return
+            self.wait += time.perf_counter() - t0
+            self.resolution = batch[0].shape[-1]
+            yield batch
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.loss += loss
+        self.steps += 1
+
+    def read(self, lr: float, epoch: int) -> dict:
+        """The window's metrics (one all-reduce: a NaN/inf on any rank makes train/loss non-finite everywhere),
+        then a new window."""
+        if self.d.device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - self.t0
+        loss = self.d.all_sum([self.loss.item()])[0] / (self.d.world * max(1, self.steps))
+        metrics = {"train/loss": loss, "train/lr": lr, "train/data_wait": self.wait / elapsed, "epoch": epoch,
+                   "train/images_per_s": self.steps * self.images_per_step / elapsed}
+        if self.d.device.type == "cuda":
+            metrics["train/gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        self.reset()
+        return metrics
+
+    @staticmethod
+    def line(metrics: dict, step: int) -> str:
+        return (f"epoch {metrics['epoch']} step {step} loss {metrics['train/loss']:.4f} lr {metrics['train/lr']:.3g} "
+                f"{metrics['train/images_per_s']:.0f} img/s data-wait {100 * metrics['train/data_wait']:.0f}%")
+
+
 def epoch_curves(rows: list[dict]) -> dict[str, list[tuple]]:
     """The per-epoch curves of metrics.jsonl rows, as (epoch, value) points: train loss, val top-1 and the first
     learning rate of each epoch."""
@@ -224,8 +293,7 @@ def curves_figure(runs: dict[str, dict[str, list[tuple]]]):
 
 def plot_curves(metrics_jsonl: Path, out: Path) -> Path | None:
     """Train loss, val top-1 and learning rate per epoch from metrics.jsonl, as one PNG (None: no epoch yet)."""
-    rows = [json.loads(line) for line in Path(metrics_jsonl).read_text().splitlines() if line.strip()]
-    curves = epoch_curves(rows)
+    curves = epoch_curves(read_metrics(Path(metrics_jsonl))[0])
     if not curves["train loss"]:
         return None
     from .files import save_figure

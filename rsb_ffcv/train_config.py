@@ -75,9 +75,6 @@ Section("training", "the run").params(
                                       "much (0 = at epoch ends only)", default=10.0),
     eval_every=Param(int, "evaluate every N epochs (and always after the last)", default=1),
     steps_per_epoch=Param(int, "cap on steps per epoch (0 = the whole epoch; for smoke tests)", default=0),
-    debug_nan_at_step=Param(int, "test hook: make the loss NaN at this global step (-1 = never)", default=-1),
-    debug_signal_at=Param(str, "test hook: 'RANK:STEP[:TERM|KILL],...': that rank sends itself SIGTERM (or SIGKILL) "
-                               "after that global step, in a run that did not resume", default=""),
 )
 Section("lr", "learning-rate schedule (timm cosine with linear warmup)").params(
     lr=Param(float, "peak learning rate (not scaled by batch size)", default=8e-3),

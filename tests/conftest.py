@@ -46,11 +46,11 @@ def run_cli(*args, cwd=ROOT, check=True, timeout=300, env_extra=None):
     return proc
 
 
-def torchrun(*args, nproc=2, check=True, timeout=600):
+def torchrun(*args, nproc=2, check=True, timeout=600, env_extra=None):
     """`torchrun --standalone --nproc_per_node=N -m ...` on the CPU (gloo)."""
     exe = os.path.join(os.path.dirname(sys.executable), "torchrun")
     proc = subprocess.run([exe, "--standalone", f"--nproc_per_node={nproc}", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, env=child_env())
+                          text=True, timeout=timeout, env=child_env(**(env_extra or {})))
     if check and proc.returncode != 0:
         raise AssertionError(f"torchrun {args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
@@ -132,8 +132,8 @@ def same_weights(a, b) -> bool:
 
 
 def metrics(run_dir):
-    import json
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    from rsb_ffcv.tracking import read_metrics
+    return read_metrics(Path(run_dir) / "metrics.jsonl")[0]
 
 
 def step_lrs(run_dir):

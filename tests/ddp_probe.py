@@ -20,19 +20,19 @@ def main():
     d = distributed.init("cpu")
     t = train.Trainer(cfg, d)
     counts = {"no_sync": 0, "forward": 0}
-    no_sync = t.ddp.no_sync
+    no_sync = t.recipe.ddp.no_sync
 
     @contextlib.contextmanager
     def counted():
         counts["no_sync"] += 1
         with no_sync():
             yield
-    t.ddp.no_sync = counted
-    t.ddp.register_forward_pre_hook(lambda *a: counts.__setitem__("forward", counts["forward"] + 1))
+    t.recipe.ddp.no_sync = counted
+    t.recipe.ddp.register_forward_pre_hook(lambda *a: counts.__setitem__("forward", counts["forward"] + 1))
     t.train_epoch()
-    checksum = float(sum(p.double().sum() for p in t.model.parameters()))
+    checksum = float(sum(p.double().sum() for p in t.recipe.model.parameters()))
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"rank{d.rank}.json").write_text(json.dumps({**counts, "accum": t.accum, "steps": t.step,
+    (out / f"rank{d.rank}.json").write_text(json.dumps({**counts, "accum": t.data.accum, "steps": t.progress.step,
                                                         "checksum": checksum}))
     t.tracker.finish(0)
     distributed.shutdown()

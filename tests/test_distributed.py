@@ -21,7 +21,7 @@ from conftest import (
     torchrun,
 )
 
-from rsb_ffcv import distributed, loaders, train
+from rsb_ffcv import distributed, loaders, stops, train
 from rsb_ffcv.augment import Normalize
 from rsb_ffcv.config import ConfigError, load_config
 from rsb_ffcv.train_config import SECTIONS
@@ -37,6 +37,7 @@ def straight(demo_betons, tmp_path_factory):
     return run_dir, p
 
 
+@pytest.mark.slow
 def test_two_process_compiled_run_trains_logs_once_and_saves_plain_keys(straight):
     run_dir, p = straight
     assert p.stdout.count("final val top-1") == 1 and p.stdout.count("2 process(es) on cpu") == 1
@@ -51,6 +52,7 @@ def test_two_process_compiled_run_trains_logs_once_and_saves_plain_keys(straight
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ck["model"])
 
 
+@pytest.mark.slow
 def test_ranks_evaluate_and_save_one_model(straight, demo_betons):
     """The ranks trained on different data, so their BatchNorm statistics differ until they are averaged: the
     saved model, evaluated alone, must give the loss and top-1 that the two ranks measured together."""
@@ -70,6 +72,7 @@ def test_ranks_evaluate_and_save_one_model(straight, demo_betons):
     assert loss / n == pytest.approx(logged["val/loss"], rel=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signals,stopped_at", [("1:4", {5}), ("0:2,1:3", {3, 4})])
 def test_a_signal_on_some_ranks_stops_all_at_one_step_and_resume_matches(ddp_reference, demo_betons, tmp_path,
                                                                          signals, stopped_at):
@@ -77,15 +80,13 @@ def test_a_signal_on_some_ranks_stops_all_at_one_step_and_resume_matches(ddp_ref
     resuming gives the learning rates, data order and bit-identical final weights of the uninterrupted run
     (every rank's random state comes back from the checkpoint)."""
     split = tmp_path / "split"
-    p = torchrun("-m", "rsb_ffcv.train", *ddp_args(demo_betons, split, f"--training.debug_signal_at={signals}"),
-                 timeout=300)
+    p = torchrun("-m", "rsb_ffcv.train", *ddp_args(demo_betons, split), timeout=300,
+                 env_extra={stops.SIGNAL_HOOK: signals})
     assert p.stdout.count("stopped by signal at step") == 1, p.stdout[-2000:]
     ck = torch.load(split / "last.pt", weights_only=True)
     assert ck["step"] in stopped_at, ck["step"]
     assert len(ck["rank_states"]) == 2 and not torch.equal(ck["rank_states"][0]["rng"]["torch"],
                                                            ck["rank_states"][1]["rng"]["torch"])
-    if signals != "1:4":
-        return
     torchrun("-m", "rsb_ffcv.train", *ddp_args(demo_betons, split, "--training.resume=auto"), timeout=300)
     assert step_lrs(split) == step_lrs(ddp_reference)
     assert digests(split) == digests(ddp_reference) and len(set(digests(split).values())) == 4
@@ -134,25 +135,24 @@ def test_accumulation_gives_the_parameters_of_one_big_batch(demo_betons, tmp_pat
     big = train.Trainer(load_config(SECTIONS, tiny_args(demo_betons, tmp_path / "big", *common)), distributed.init("cpu"))
     acc = train.Trainer(load_config(SECTIONS, tiny_args(demo_betons, tmp_path / "acc", *common,
                                                         "--training.max_device_batch=8")), distributed.init("cpu"))
-    assert (big.accum, acc.accum, acc.micro_batch) == (1, 2, 8)
-    images, labels = (t.clone() for t in next(loaders.epoch(big.train_loader, 1)))
+    assert (big.data.accum, acc.data.accum, acc.data.micro_batch) == (1, 2, 8)
+    images, labels = big.data.train.first_batch()
     for t in (big, acc):
-        t.set_epoch_lr()
-        t.train_model.eval()
-    before = [p.detach().clone() for p in big.model.parameters()]
-    for _ in range(3):
-        big.forward_backward(images, labels)
-        big.optimizer_step()
-        acc.forward_backward(images[:8], labels[:8], sync_grads=False)
-        acc.forward_backward(images[8:], labels[8:])
-        acc.optimizer_step()
-    moved = max(float((a.detach() - b).abs().max()) for a, b in zip(big.model.parameters(), before))
-    diff = max(float((a - b).detach().abs().max()) for a, b in zip(big.model.parameters(), acc.model.parameters()))
+        t.recipe.set_lr(0, step=0)
+        t.recipe.train_model.eval()
+    before = [p.detach().clone() for p in big.recipe.model.parameters()]
+    for step in range(3):
+        big.recipe.train_step(iter([(images, labels)]), step)
+        acc.recipe.train_step(iter([(images[:8], labels[:8]), (images[8:], labels[8:])]), step)
+    moved = max(float((a.detach() - b).abs().max()) for a, b in zip(big.recipe.model.parameters(), before))
+    diff = max(float((a - b).detach().abs().max())
+               for a, b in zip(big.recipe.model.parameters(), acc.recipe.model.parameters()))
     assert moved > 1e-3 and diff < 1e-5, (moved, diff)
     for t in (big, acc):
         t.tracker.finish()
 
 
+@pytest.mark.slow
 def test_ddp_accumulation_syncs_gradients_only_on_the_last_micro_batch(demo_betons, tmp_path):
     out = tmp_path / "probe"
     torchrun(str(ROOT / "tests" / "ddp_probe.py"), str(out),

@@ -7,34 +7,50 @@ import pytest
 import timm
 import torch
 import wandb_records
-from conftest import ROOT, run_cli
+from conftest import ROOT, metrics, run_cli, torchrun
 
-from rsb_ffcv import gradcam
+from rsb_ffcv import evaluate, gradcam, loaders
+from rsb_ffcv.augment import Normalize
+from rsb_ffcv.datasets import cli as write_cli
 from rsb_ffcv.datasets.sources import imagenet_synsets, readable_names
 from rsb_ffcv.evaluate import real_accuracy
+from rsb_ffcv.weights import load_model
 
 SYNSETS = imagenet_synsets()
 
 
 def last_val_top1(run_dir):
-    vals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [m["val/top1"] for m in vals if "val/top1" in m][-1]
+    return [m["val/top1"] for m in metrics(run_dir) if "val/top1" in m][-1]
 
 
-def test_evaluating_a_checkpoint_reproduces_the_trainers_val_top1(demo_model, demo_betons, tmp_path):
+def test_evaluating_a_checkpoint_reproduces_the_trainers_val_top1(demo_model, demo_betons, tmp_path, capsys):
+    """With more batches than FFCV's ring of batch buffers: on the CPU a batch's labels are FFCV's buffer itself,
+    which later batches overwrite unless copied."""
     out = tmp_path / "eval"
     p = run_cli("-m", "rsb_ffcv.evaluate", f"--eval.models=demo={demo_model}/last.pt",
                 f"--eval.datasets={demo_betons}/val.beton", "--eval.resolution=64", f"--eval.out_dir={out}",
-                "--eval.wandb_mode=offline")
+                "--eval.wandb_mode=offline", "--eval.batch_size=4")  # 15 batches: FFCV reuses its buffers
     row = json.loads((out / "results.json").read_text())["results"][0]
     assert row["images"] == 60 and row["top1"] == pytest.approx(last_val_top1(demo_model), abs=1e-6)
     assert "demo" in p.stdout and "top1" in p.stdout.splitlines()[-3]
     run = wandb_records.run_file(out)
     assert any(r.WhichOneof("record_type") == "summary" for r in wandb_records.records(run))
-    tta = run_cli("-m", "rsb_ffcv.evaluate", f"--eval.models={demo_model}/last.pt", "--eval.flip_tta=true",
-                  f"--eval.datasets={demo_betons}/val.beton", "--eval.resolution=64", f"--eval.out_dir={out}/tta")
-    assert json.loads((out / "tta" / "results.json").read_text())["results"][0]["images"] == 60
-    assert "error" not in tta.stderr
+    assert evaluate.main([f"--eval.models={demo_model}/last.pt", "--eval.flip_tta=true", "--eval.resolution=64",
+                          f"--eval.datasets={demo_betons}/val.beton", f"--eval.out_dir={out}/tta"]) == 0
+    flipped = json.loads((out / "tta" / "results.json").read_text())["results"][0]
+    assert flipped["images"] == 60 and "error" not in capsys.readouterr().err
+    cpu = torch.device("cpu")  # flip TTA by its definition: the mean of the logits of each image and its mirror
+    model, normalize = load_model(f"{demo_model}/last.pt", cpu).model, Normalize()
+    loader = loaders.val_loader(f"{demo_betons}/val.beton", 16, 64, 0.95, cpu, num_workers=1, rank=0, world=1,
+                                batches_ahead=1)
+    hits, changed = 0, False
+    with torch.no_grad():
+        for x, y in loaders.epoch(loader, 1):
+            x = normalize(x)
+            plain, mirrored = model(x), model(x.flip(3))
+            hits += int(((plain + mirrored) / 2).argmax(1).eq(y).sum())
+            changed |= not torch.allclose(plain, mirrored)
+    assert changed and flipped["top1"] == pytest.approx(100 * hits / 60, abs=1e-9)
 
 
 def _write_subset(tmp_path, layout: str, per_class=(4, 2, 2)):
@@ -52,7 +68,7 @@ def _write_subset(tmp_path, layout: str, per_class=(4, 2, 2)):
     beton = tmp_path / f"{layout}.beton"
     kind = ["--source.kind=imagefolder", "--source.classes_from=imagenet1k"] if layout == "synsets" else \
         ["--source.kind=v2"]
-    run_cli("write_datasets.py", *kind, f"--source.root={root}", f"--writer.out={beton}", "--writer.num_workers=1")
+    assert write_cli.main([*kind, f"--source.root={root}", f"--writer.out={beton}", "--writer.num_workers=1"]) == 0
     return beton
 
 
@@ -76,8 +92,8 @@ def test_imagenet_subset_keeps_imagenet_indices_and_timm_weights_score_it(tmp_pa
     assert meta["classes"] == SYNSETS and meta["labels"] == [0] * 4 + [7] * 2 + [42] * 2
     assert readable_names(meta["classes"][:1]) == ["tench"]
     out = tmp_path / "eval"
-    run_cli("-m", "rsb_ffcv.evaluate", f"--eval.models=const=timm:resnet10t:{constant_model}",
-            f"--eval.datasets={beton}", "--eval.resolution=64", f"--eval.out_dir={out}")
+    assert evaluate.main([f"--eval.models=const=timm:resnet10t:{constant_model}", f"--eval.datasets={beton}",
+                          "--eval.resolution=64", f"--eval.out_dir={out}"]) == 0
     row = json.loads((out / "results.json").read_text())["results"][0]
     assert row["top1"] == pytest.approx(100 * 2 / 8) and row["top5"] == pytest.approx(100 * 6 / 8)
 
@@ -85,13 +101,13 @@ def test_imagenet_subset_keeps_imagenet_indices_and_timm_weights_score_it(tmp_pa
 def test_imagenet_v2_layout_scores_by_directory_index(tmp_path, constant_model):
     beton = _write_subset(tmp_path, "v2", per_class=(1, 3, 2))
     out = tmp_path / "eval"
-    run_cli("-m", "rsb_ffcv.evaluate", f"--eval.models=timm:resnet10t:{constant_model}", f"--eval.datasets={beton}",
-            "--eval.resolution=64", f"--eval.out_dir={out}")
+    assert evaluate.main([f"--eval.models=timm:resnet10t:{constant_model}", f"--eval.datasets={beton}",
+                          "--eval.resolution=64", f"--eval.out_dir={out}"]) == 0
     row = json.loads((out / "results.json").read_text())["results"][0]
     assert row["top1"] == pytest.approx(100 * 3 / 6) and row["top5"] == pytest.approx(100 * 4 / 6)
 
 
-def test_real_labels(tmp_path, constant_model):
+def test_real_labels(tmp_path, constant_model, capsys):
     beton = _write_subset(tmp_path, "synsets")
     real = [[] for _ in range(50_000)]
     # records: val images 1-4 (class 0), 5-6 (class 7), 7-8 (class 42); the model always says 7.
@@ -100,15 +116,17 @@ def test_real_labels(tmp_path, constant_model):
     path = tmp_path / "real.json"
     path.write_text(json.dumps(real))
     out = tmp_path / "eval"
-    run_cli("-m", "rsb_ffcv.evaluate", f"--eval.models=timm:resnet10t:{constant_model}", f"--eval.datasets={beton}",
-            "--eval.resolution=64", f"--eval.real_labels={path}", f"--eval.out_dir={out}")
+    assert evaluate.main([f"--eval.models=timm:resnet10t:{constant_model}", f"--eval.datasets={beton}",
+                          "--eval.resolution=64", f"--eval.real_labels={path}", f"--eval.out_dir={out}"]) == 0
     row = json.loads((out / "results.json").read_text())["results"][0]
     assert row["real_top1"] == pytest.approx(100 * 4 / 7)   # hits: images 1, 5, 6, 7 of 7 labelled
     assert row["real_top5"] == pytest.approx(100 * 6 / 7)   # + images 2 (0 in top-5) and 4 (3 in top-5)
     path.write_text(json.dumps(real[:100]))
-    p = run_cli("-m", "rsb_ffcv.evaluate", f"--eval.models=timm:resnet10t:{constant_model}",
-                f"--eval.datasets={beton}", f"--eval.real_labels={path}", f"--eval.out_dir={out}", check=False)
-    assert p.returncode == 2 and "has 100 entries" in p.stderr and p.stderr.count("\n") == 1
+    capsys.readouterr()
+    rc = evaluate.main([f"--eval.models=timm:resnet10t:{constant_model}", f"--eval.datasets={beton}",
+                        f"--eval.real_labels={path}", f"--eval.out_dir={out}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "has 100 entries" in err and err.count("\n") == 1
 
 
 def test_real_accuracy_equals_timms_real_labels(tmp_path):
@@ -185,17 +203,20 @@ def test_gradcam_grid_table_and_localisation(demo_model, demo_betons, tmp_path):
     assert "pointing_game" in p.stdout
 
 
-def test_two_process_evaluation_equals_one(demo_model, demo_betons, tmp_path):
-    """torchrun shards records r::world; gathered back in record order the scores are identical."""
-    import os
-    import subprocess
-    import sys
-    args = ["-m", "rsb_ffcv.evaluate", f"--eval.models=demo={demo_model}/last.pt", "--eval.resolution=64",
+@pytest.mark.slow
+def test_two_process_evaluation_equals_one_and_gradcam_writes_once(demo_model, demo_betons, tmp_path):
+    """torchrun shards records r::world; gathered back in record order the scores are identical. Grad-CAM in the same
+    launch: rank 0 alone computes and writes its outputs."""
+    args = [f"--eval.models=demo={demo_model}/last.pt", "--eval.resolution=64",
             f"--eval.datasets={demo_betons}/val.beton", "--eval.num_workers=1"]
-    run_cli(*args, f"--eval.out_dir={tmp_path}/one")
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    p = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", *args, f"--eval.out_dir={tmp_path}/two"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-2000:]
+    run_cli("-m", "rsb_ffcv.evaluate", *args, f"--eval.out_dir={tmp_path}/one")
+    cam = tmp_path / "cam"
+    p = torchrun(str(ROOT / "tests" / "torchrun_tools.py"), *args, f"--eval.out_dir={tmp_path}/two", "--",
+                 f"--gradcam.models={demo_model}/last.pt", f"--gradcam.dataset={demo_betons}/val.beton",
+                 "--gradcam.images=2", "--gradcam.resolution=64", "--gradcam.localisation=off",
+                 f"--gradcam.out_dir={cam}", "--gradcam.wandb_mode=disabled", timeout=600)
     one, two = (json.loads((tmp_path / d / "results.json").read_text())["results"][0] for d in ("one", "two"))
     assert two["images"] == one["images"] == 60 and two["top1"] == one["top1"] and two["top5"] == one["top5"]
+    assert p.stdout.count("saved ") == 2 and p.stdout.count(f"saved {cam / 'grid.png'}") == 1
+    images = json.loads((cam / "scores.json").read_text())["images"]
+    assert (cam / "grid.png").stat().st_size > 1000 and len(images) == 2 and all(0 <= i < 60 for i in images)

@@ -10,12 +10,12 @@ from timm.data import Mixup
 from timm.data.mixup import FastCollateMixup
 from timm.scheduler import CosineLRScheduler
 
-from rsb_ffcv import distributed, recipe, train
+from rsb_ffcv import distributed, recipe, rsb_paper, train
 from rsb_ffcv.augment import Normalize, TrainAugment
 from rsb_ffcv.config import load_config
 from rsb_ffcv.train_config import SECTIONS
 
-RECIPES = {"a1": (600, 0.005), "a2": (300, 0.005), "a3": (100, 0.008)}
+RECIPES = {name.lower(): (r["training.epochs"], r["lr.lr"]) for name, r in rsb_paper.RECIPES.items()}
 
 
 def timm_2021_epoch_lrs(lr, epochs, warmup_epochs=5, warmup_lr=1e-4, min_lr=1e-6, cooldown=0):
@@ -57,46 +57,40 @@ def test_recipe_lr_per_epoch_is_timms_2021_schedule(name, demo_betons, tmp_path)
     epochs, lr = RECIPES[name]
     t = recipe_trainer(name, demo_betons, tmp_path)
     want = timm_2021_epoch_lrs(lr, epochs)
-    assert t.total_epochs == epochs and len(want) == epochs
+    assert t.recipe.total_epochs == epochs and len(want) == epochs
     got = []
     for e in range(epochs):
-        t.epoch = e
-        t.set_epoch_lr()
-        got.append({g["lr"] for g in t.optimizer.param_groups})
+        t.recipe.set_lr(e, step=0)
+        got.append({g["lr"] for g in t.recipe.optimizer.param_groups})
     assert all(len(g) == 1 for g in got) and [g.pop() for g in got] == pytest.approx(want, rel=1e-12)
     assert want == pytest.approx([closed_form(lr, epochs, e) for e in range(epochs)], rel=1e-12)
     assert want[0] == 1e-4  # epoch 0 entirely at warmup_lr
     assert max(want) < lr  # warmup inside the cosine (warmup_prefix=False): the peak rate is never run
-    resumed = recipe_trainer(name, demo_betons, tmp_path / "resumed")
-    resumed.epoch = epochs // 3
-    resumed.set_epoch_lr()
+    resumed = recipe.build_recipe(t.cfg, t.d, len(t.data.classes), t.data.steps_per_epoch, t.data.accum)  # starts there
+    resumed.set_lr(epochs // 3, step=0)
     assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(want[epochs // 3], rel=1e-12)
-    for x in (t, resumed):
-        x.tracker.finish()
+    t.tracker.finish()
 
 
 def test_cooldown_is_one_key_and_runs_at_min_lr(demo_betons, tmp_path):
     t = recipe_trainer("a3", demo_betons, tmp_path, "--lr.cooldown_epochs=10")
     want = timm_2021_epoch_lrs(0.008, 100, cooldown=10)
-    assert t.total_epochs == 110 and want[100:] == [1e-6] * 10
+    assert t.recipe.total_epochs == 110 and want[100:] == [1e-6] * 10
     for e in (0, 50, 99, 100, 109):
-        t.epoch = e
-        t.set_epoch_lr()
-        assert t.optimizer.param_groups[0]["lr"] == pytest.approx(want[e], rel=1e-12)
+        t.recipe.set_lr(e, step=0)
+        assert t.recipe.optimizer.param_groups[0]["lr"] == pytest.approx(want[e], rel=1e-12)
     t.tracker.finish()
 
 
 def test_a_training_run_uses_one_rate_per_epoch(demo_betons, tmp_path):
     """The rate logged at every step of a real run (4 epochs x 3 steps, warmup 1 epoch) is timm's for
     that step's epoch."""
-    from conftest import run_cli
+    from conftest import step_lrs
     run_dir = tmp_path / "run"
-    run_cli("-m", "rsb_ffcv.train", *tiny_args(demo_betons, run_dir, "--training.epochs=4", "--lr.lr=0.008",
-                                               "--lr.warmup_epochs=1", "--logging.wandb_mode=disabled"))
-    import json
-    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert train.main(tiny_args(demo_betons, run_dir, "--training.epochs=4", "--lr.lr=0.008", "--lr.warmup_epochs=1",
+                                "--logging.wandb_mode=disabled")) == 0
     want = timm_2021_epoch_lrs(0.008, 4, warmup_epochs=1)
-    steps = {m["step"]: m["train/lr"] for m in logged if "train/lr" in m}
+    steps = step_lrs(run_dir)
     assert sorted(steps) == list(range(1, 13))
     for step, rate in steps.items():
         assert rate == pytest.approx(want[(step - 1) // 3], rel=1e-12), step

@@ -86,7 +86,7 @@ def test_page_local_order_fetches_each_page_once_inside_a_limit_below_the_beton(
 @pytest.mark.slow
 def test_in_memory_auto_decides_from_the_cgroup_limit(limited):
     """auto reads the limit of the process's own cgroup (not /proc/meminfo, which shows the whole machine): inside
-    a limit below the beton it picks the page-local order, without one the exact random order. New on main."""
+    a limit below the beton it picks the page-local order, without one the exact random order."""
     beton, base = limited
     size = os.path.getsize(beton)
     inside = run("auto, limited", beton, limit=base + size // 2, threads=1, order="probe", in_memory="auto",
@@ -185,7 +185,7 @@ def test_class_mixing_at_imagenet_geometry(records_per_page, window_gib):
     """ImageNet written by write_datasets.py: 1,281,167 records in class order, ~25 records per 8 MiB page (the
     default) or ~6 per 2 MiB page (writer.page_mib=2). The auto window is an eighth of the available memory: a node
     with 64 GiB available reads 8 GiB windows of 8 MiB pages, one with 16 GiB 2 GiB windows of 2 MiB pages. Batches
-    of 512 (RSB's device batch) must hold at least 90% of the distinct classes of a uniform shuffle. New on main."""
+    of 512 (RSB's device batch) must hold at least 90% of the distinct classes of a uniform shuffle."""
     n = 1_281_167
     labels = np.arange(n) * 1000 // n
     pages = (np.arange(n) / records_per_page).astype(np.int64)

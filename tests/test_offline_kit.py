@@ -16,8 +16,9 @@ from conftest import ROOT
 
 LACKING = ("ffcv", "fastargs", "wandb", "terminaltables", "assertpy", "pytorch-pfn-extras", "rsb_ffcv")
 
-pytestmark = pytest.mark.skipif(not (shutil.which("apt-get") and shutil.which("dpkg")),
-                                reason="the bundle takes OpenCV and libjpeg-turbo from Debian packages")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not (shutil.which("apt-get") and shutil.which("dpkg")),
+                                 reason="the bundle takes OpenCV and libjpeg-turbo from Debian packages")]
 
 
 def _size(path: Path) -> int:

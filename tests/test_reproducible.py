@@ -1,5 +1,6 @@
 """Same seed, same weights; a killed run loses only the steps since its last checkpoint, and a resumed one
 continues the same W&B run (issue 18). Real betons, real timm, real offline W&B, on the CPU."""
+import contextlib
 import os
 import signal
 import subprocess
@@ -12,8 +13,8 @@ import torch
 from conftest import (ROOT, ddp_args, digests, epoch_losses, final_weights, metrics, same_weights, step_lrs,
                       tiny_args, torchrun, wandb_run_ids, child_env)
 
-from rsb_ffcv import distributed, train
-from rsb_ffcv.config import load_config
+from rsb_ffcv import distributed, loaders, stops, train
+from rsb_ffcv.config import ConfigError, load_config
 from rsb_ffcv.tracking import Tracker
 from rsb_ffcv.train_config import SECTIONS
 
@@ -62,8 +63,8 @@ def test_sigkill_after_a_timed_checkpoint_loses_only_the_steps_since(augmented, 
     straight = augmented
     killed = tmp_path / "killed"
     argv = tiny_args(demo_betons, killed, *AUGMENTED, "--training.checkpoint_every_min=1e-9")
-    p = subprocess.run([sys.executable, "-m", "rsb_ffcv.train", *argv, "--training.debug_signal_at=0:5:KILL"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600, env=child_env())
+    p = subprocess.run([sys.executable, "-m", "rsb_ffcv.train", *argv], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600, env=child_env(**{stops.SIGNAL_HOOK: "0:5:KILL"}))
     assert p.returncode == -9, p.stderr[-2000:]
     assert "checkpoint at step 4 " in p.stdout
     ck = torch.load(killed / "last.pt", weights_only=True)
@@ -87,8 +88,8 @@ def test_a_run_requeued_before_its_first_checkpoint_keeps_its_wandb_run(demo_bet
     run_dir = tmp_path / "early"
     argv = tiny_args(demo_betons, run_dir, "--training.checkpoint_every_min=0", "--training.epochs=1",
                      "--training.resume=auto")
-    p = subprocess.run([sys.executable, "-m", "rsb_ffcv.train", *argv, "--training.debug_signal_at=0:2:KILL"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600, env=child_env())
+    p = subprocess.run([sys.executable, "-m", "rsb_ffcv.train", *argv], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600, env=child_env(**{stops.SIGNAL_HOOK: "0:2:KILL"}))
     assert p.returncode == -9 and not (run_dir / "last.pt").exists(), p.stderr[-2000:]
     assert [m["step"] for m in metrics(run_dir)] == [1, 2]
     fit(argv)
@@ -104,18 +105,18 @@ def test_a_killed_worker_restarts_the_group_from_the_last_checkpoint(ddp_referen
     is due), and the run ends with the learning rates, orders and weights of the uninterrupted 2-process run."""
     run_dir = tmp_path / "elastic"
     p = torchrun("--max-restarts=1", "-m", "rsb_ffcv.train",
-                 *ddp_args(demo_betons, run_dir, "--training.checkpoint_every_min=1e-9", "--training.resume=auto",
-                           "--training.debug_signal_at=1:5:KILL"), timeout=600)
+                 *ddp_args(demo_betons, run_dir, "--training.checkpoint_every_min=1e-9", "--training.resume=auto"),
+                 timeout=600, env_extra={stops.SIGNAL_HOOK: "1:5:KILL"})
     assert "resumed from" in p.stdout and "step 4" in p.stdout.split("resumed from")[1].splitlines()[0]
     assert step_lrs(run_dir) == step_lrs(ddp_reference) and digests(run_dir) == digests(ddp_reference)
     assert same_weights(final_weights(run_dir), final_weights(ddp_reference))
 
 
-def test_debug_signal_spec():
-    assert train.parse_debug_signals("0:3, 1:4:KILL") == {(0, 3): 15, (1, 4): 9}
+def test_signal_hook_spec():
+    assert stops.parse_signal_hook("0:3, 1:4:KILL") == {(0, 3): 15, (1, 4): 9}
     for bad in ("x", "0:3:HUP", "0", "1:2:3:4"):
-        with pytest.raises(Exception, match="RANK:STEP"):
-            train.parse_debug_signals(bad)
+        with pytest.raises(ConfigError, match=f"{stops.SIGNAL_HOOK}='{bad}': expected RANK:STEP"):
+            stops.parse_signal_hook(bad)
 
 
 def test_the_local_rank_picks_the_device_and_the_global_rank_the_data(monkeypatch):
@@ -145,7 +146,7 @@ def _children(pid: int) -> list[int]:
 
 def test_a_dead_wandb_service_does_not_stop_the_run(tmp_path, capsys):
     """Slurm's SIGTERM reaches every process of a job step, W&B's service too: logging goes on to metrics.jsonl
-    with one line saying so. Before the fix, the next log raised ConnectionResetError and ended the run."""
+    with one line saying so, and the run goes on."""
     (tmp_path / "again").mkdir()
     tracker = Tracker(tmp_path, {"a": 1}, mode="offline", project="p", entity="", name="n")
     tracker.log({"train/loss": 1.0}, step=1)
@@ -165,3 +166,22 @@ def test_a_dead_wandb_service_does_not_stop_the_run(tmp_path, capsys):
     again.log({"train/loss": 1.0}, step=1)
     again.finish(0)
     assert "W&B stopped working" not in capsys.readouterr().out
+
+
+def test_an_epoch_left_early_does_not_change_the_next_epochs_batches(demo_betons):
+    """An epoch left after one batch (a step cap, a stop, a resumed epoch that was already done), then the next epoch
+    at once: its batches are those of a loader that starts there. (FFCV's close() only flags its thread, which went on
+    writing the loader's batch buffers while the next epoch's thread used them: different batches every time.)"""
+    def loader():
+        return loaders.train_loader(f"{demo_betons}/train.beton", 8, 32, torch.device("cpu"), num_workers=1, seed=0,
+                                    repeats=0, rank=0, world=1, batches_ahead=2)[0]
+
+    def first_batches(ld, epoch, n):
+        ld.next_epoch = epoch
+        with contextlib.closing(loaders.epoch(ld, 1)) as it:
+            return [next(it)[0].clone() for _ in range(n)]
+    want = first_batches(loader(), 1, 6)
+    for _ in range(3):
+        ld = loader()
+        first_batches(ld, 0, 1)
+        assert all(torch.equal(a, b) for a, b in zip(first_batches(ld, 1, 6), want, strict=True))

@@ -211,7 +211,7 @@ def test_sigterm_mid_write_leaves_nothing(folder, tmp_path):
             time.sleep(0.01)
         else:
             pytest.fail("the writer worker never reached record 3")
-        assert any(p.name.startswith(".x.beton.tmp") for p in out.parent.iterdir())
+        assert [p.name.startswith(".x.tmp-") and p.suffix == ".beton" for p in out.parent.iterdir()] == [True]
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
     finally:
@@ -226,19 +226,24 @@ def test_disk_full_leaves_nothing(folder, small_disk):
     assert list(small_disk.iterdir()) == []
 
 
-def test_cli_errors_are_one_line(tmp_path, folder):
-    p = run_cli("write_datasets.py", "--source.kind=imagefolder", f"--source.root={tmp_path}/nope",
-                f"--writer.out={tmp_path}/x.beton", check=False)
-    assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "source.root" in p.stderr
-    p = run_cli("write_datasets.py", "--writer.bogus=1", check=False)
-    assert p.returncode == 2 and "unknown key 'writer.bogus'" in p.stderr
-    p = run_cli("write_datasets.py", "--writer.verify=maybe", check=False)
-    assert p.returncode == 2 and "writer.verify" in p.stderr
+def test_cli_errors_are_one_line(tmp_path, folder, capsys):
+    from rsb_ffcv.datasets.cli import main
+
+    def run(*argv):
+        capsys.readouterr()
+        rc = main(list(argv))
+        return rc, *capsys.readouterr()
+    rc, _, err = run("--source.kind=imagefolder", f"--source.root={tmp_path}/nope", f"--writer.out={tmp_path}/x.beton")
+    assert rc == 2 and err.strip().count("\n") == 0 and "source.root" in err
+    rc, _, err = run("--writer.bogus=1")
+    assert rc == 2 and "unknown key 'writer.bogus'" in err
+    rc, _, err = run("--writer.verify=maybe")
+    assert rc == 2 and "writer.verify" in err
     cfg = tmp_path / "w.yaml"
     cfg.write_text(f"source:\n  kind: imagefolder\n  root: {folder}\n  subset: 6\nwriter:\n  out: {tmp_path}/s.beton\n"
                    f"  num_workers: 1\n")
-    p = run_cli("write_datasets.py", "--config", str(cfg), "--writer.verify=true")
-    assert "6 images, 3 classes, 0 skipped" in p.stdout and "verified" in p.stdout
+    rc, out, _ = run("--config", str(cfg), "--writer.verify=true")
+    assert rc == 0 and "6 images, 3 classes, 0 skipped" in out and "verified" in out
     assert json.loads((tmp_path / "s.json").read_text())["class_counts"] == [2, 2, 2]
 
 
@@ -250,8 +255,8 @@ def test_each_tool_accepts_only_its_own_keys(capsys):
 
 
 def test_each_image_is_opened_once_and_png_checks_are_kept(tmp_path, monkeypatch):
-    """The writer decodes every image once (main validated first, then decoded again for the write: 0.69x stock
-    FFCV's writer); PNG, whose PIL plugin checks more than decoding does (CRCs), is opened twice as before."""
+    """The writer decodes every image once (validating first and decoding again for the write would run at 0.69x
+    stock FFCV's writer); PNG, whose PIL plugin checks more than decoding does (CRCs), is opened twice."""
     from rsb_ffcv.datasets import images
     jpg, png = tmp_path / "a.jpg", tmp_path / "b.png"
     natural_image(1, 40, 30).save(jpg, quality=90)
@@ -273,7 +278,7 @@ def test_each_image_is_opened_once_and_png_checks_are_kept(tmp_path, monkeypatch
 @pytest.mark.parametrize("kw,page_mib", [({}, 8), ({"page_mib": 2}, 2), ({"page_mib": 4, "max_resolution": 0}, 4)])
 def test_page_size_can_be_chosen(folder, tmp_path, kw, page_mib):
     """writer.page_mib=2 (FFCV's smallest page) for betons read beyond RAM: the page-local order then mixes 4x more
-    pages, hence classes, in the same memory. New on main (always FFCV's 8 MiB)."""
+    pages, hence classes, in the same memory."""
     from ffcv.reader import Reader
     write_beton(image_folder(folder), tmp_path / "p.beton", opts(**kw))
     assert Reader(str(tmp_path / "p.beton")).page_size == page_mib << 20

@@ -12,7 +12,7 @@ present; on a CPU the default is a small model at a lower resolution (a ResNet-5
 from __future__ import annotations
 
 import contextlib
-import itertools
+import math
 import shlex
 import tempfile
 import time
@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 from fastargs import Param, Section
 
-from .. import distributed, loaders, train_config
+from .. import distributed, train_config
 from ..config import ConfigError, load_config
+from ..tracking import StepMeter
 from ..train import Trainer
 from .common import describe, machine, save, sync
 from .corpus import corpus_beton, generate
@@ -35,70 +36,50 @@ Section("bench_train", "the end-to-end training benchmark").params(
     batch=Param(int, "per-device batch (0 = 256 on a GPU, 32 on a CPU)", default=0),
     accum=Param(int, "micro-batches per optimizer step (A1/A2 on one GPU: 3 or more, for repeated augmentation)",
                 default=1),
-    steps=Param(int, "timed micro-batches per measurement (0 = 50 on a GPU, 8 on a CPU)", default=0),
+    steps=Param(int, "timed micro-batches per measurement, rounded up to whole optimizer steps (0 = 50 on a GPU, "
+                     "8 on a CPU)", default=0),
     trainer_args=Param(str, "more trainer overrides, space-separated --section.key=value", default=""),
     name=Param(str, "results go to bench.out_dir/NAME.json and NAME.png", default="train"),
 )
 SECTIONS = ("bench", "bench_train")
 
 
-def timed_steps(trainer: Trainer, epochs, steps: int) -> dict:
-    """Micro-batches (an optimizer step after every `trainer.accum` of them) on the batches of `epochs()` (a
-    fresh iterator per epoch) until `steps` timed ones are done; the clock runs only inside epochs, after
-    each epoch's first WARMUP_BATCHES."""
-    device = trainer.device
-    timed, images, seconds, wait = 0, 0, 0.0, 0.0
-    while timed < steps:
-        it, t0, before = epochs(), None, timed
-        try:
-            for i in itertools.count():
-                if i == WARMUP_BATCHES:
+def timed_steps(trainer: Trainer, epochs, micro_batches: int) -> dict:
+    """The trainer's optimizer steps (Recipe.train_step: `accum` micro-batches each) on the batches of `epochs()` (a
+    fresh iterator per epoch) until `micro_batches` timed micro-batches are done (whole steps: rounded up); the
+    clock runs only inside epochs, after each epoch's first WARMUP_BATCHES micro-batches (whole steps too)."""
+    data, device = trainer.data, trainer.d.device
+    warmup, target = math.ceil(WARMUP_BATCHES / data.accum), math.ceil(micro_batches / data.accum)
+    if data.steps_per_epoch <= warmup:
+        raise ConfigError(f"an epoch of {data.steps_per_epoch} steps holds no more than the {warmup} warm-up steps: "
+                          f"use a larger corpus (bench.n) or a smaller batch")
+    timed, seconds, wait = 0, 0.0, 0.0
+    while timed < target:
+        meter = StepMeter(trainer.d, 0)
+        with contextlib.closing(epochs()) as it:
+            batches = meter.batches(it)
+            for step in range(min(data.steps_per_epoch, warmup + target - timed)):
+                if step == warmup:
                     sync(device)
-                    t0 = time.perf_counter()
-                if t0 is not None and timed == steps:
-                    break
-                w0 = time.perf_counter()
-                batch = next(it, None)
-                if batch is None:
-                    break
-                if t0 is not None:
-                    wait += time.perf_counter() - w0
-                last_micro = (i + 1) % trainer.accum == 0
-                trainer.forward_backward(*batch, sync_grads=last_micro)
-                if last_micro:
-                    trainer.optimizer_step()
-                if t0 is not None:
-                    timed, images = timed + 1, images + len(batch[0])
-        finally:
-            if hasattr(it, "close"):
-                it.close()
-        if t0 is not None:
-            sync(device)
-            seconds += time.perf_counter() - t0
-        if timed == before:
-            raise ConfigError(f"an epoch of {i} batches holds no more than the {WARMUP_BATCHES} warm-up batches: "
-                              f"use a larger corpus (bench.n) or a smaller batch")
-    return {"images_per_s": images / seconds, "data_wait_fraction": wait / seconds, "steps": timed}
-
-
-def first_batch(trainer: Trainer) -> tuple:
-    """A copy of the first training batch (FFCV reuses its buffers); the loader's threads are stopped."""
-    it = loaders.epoch(trainer.train_loader, trainer.compute_threads)
-    try:
-        return tuple(t.clone() for t in next(it))
-    finally:
-        it.close()
+                    t0, meter.wait = time.perf_counter(), 0.0
+                trainer.recipe.train_step(batches, step)
+                timed += step >= warmup
+        sync(device)
+        seconds, wait = seconds + time.perf_counter() - t0, wait + meter.wait
+    images = timed * data.accum * data.micro_batch
+    return {"images_per_s": images / seconds, "data_wait_fraction": wait / seconds, "steps": timed * data.accum}
 
 
 def measure(trainer: Trainer, steps: int) -> dict:
-    trainer.train_model.train()
-    fixed = first_batch(trainer)
+    trainer.recipe.train_model.train()
+    fixed = trainer.data.train.first_batch()
+    n = trainer.data.steps_per_epoch * trainer.data.accum
 
     def synthetic_epochs():
-        return iter([fixed] * (WARMUP_BATCHES + steps))
+        return (fixed for _ in range(n))
 
     def real_epochs():
-        return loaders.epoch(trainer.train_loader, trainer.compute_threads)
+        return trainer.data.train.epoch(0)
 
     synthetic = timed_steps(trainer, synthetic_epochs, steps)
     real = timed_steps(trainer, real_epochs, steps)
@@ -128,23 +109,23 @@ def bench_trainer(config: str, beton: str, device: str, batch: int, overrides=()
 
 
 def settings_of(trainer: Trainer) -> dict:
-    cfg = trainer.cfg
-    return {"arch": cfg["model.arch"], "resolution": cfg["resolution.train"], "batch": trainer.micro_batch,
-            "accumulation": trainer.accum, "repeated_aug": cfg["training.repeated_aug"],
-            "precision": trainer.precision.name, "compile": cfg["model.compile"],
+    cfg, data = trainer.cfg, trainer.data
+    return {"arch": cfg["model.arch"], "resolution": cfg["resolution.train"], "batch": data.micro_batch,
+            "accumulation": data.accum, "repeated_aug": cfg["training.repeated_aug"],
+            "precision": trainer.recipe.precision.name, "compile": cfg["model.compile"],
             "channels_last": cfg["model.channels_last"], "rand_augment": cfg["augment.rand_augment"],
-            "decoder": cfg["data.decoder"], "loader_workers": cfg["data.num_workers"] or trainer.compute_threads}
+            "decoder": cfg["data.decoder"], "loader_workers": cfg["data.num_workers"] or data.compute_threads}
 
 
 def run(config: str, beton: str, device: str, batch: int, steps: int, overrides=(), accum: int = 1) -> dict:
     """Measure the trainer built by bench_trainer: figures and settings."""
     with bench_trainer(config, beton, device, batch, overrides, accum) as trainer:
-        gpu = trainer.device.type == "cuda"
-        if gpu:
-            torch.cuda.reset_peak_memory_stats(trainer.device)
+        device = trainer.d.device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         figures = measure(trainer, steps)
-        if gpu:
-            figures["gpu_max_memory_gib"] = torch.cuda.max_memory_allocated(trainer.device) / 2**30
+        if device.type == "cuda":
+            figures["gpu_max_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         return {**figures, "settings": {"config": config, "steps": steps, **settings_of(trainer)}}
 
 

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from ..cli import RunFailure
 from ..config import ConfigError
+from ..files import atomic_path
 from .betons import sidecar_path
 from .images import available_cpus, read_checked
 from .sources import Source
@@ -244,71 +245,61 @@ def write_beton(source: Source, out: str | os.PathLike, opts: WriteOptions, extr
     out.parent.mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp_side = side.with_name(f".{side.name}.tmp-{os.getpid()}")
     fields = {
         "image": RGBImageField(write_mode=opts.write_mode, max_resolution=opts.max_resolution or None,
                                jpeg_quality=opts.jpeg_quality, compress_probability=opts.compress_probability),
         "label": IntField(),
     }
     bad: dict[str, str] = {}
-    try:
-        with _sigterm_raises():
-            kept = source
-            while True:  # once; twice with on_error=skip when some images do not decode
-                records = _Records(kept.files, kept.labels)
-                desc = f"writing {out.name}" + (" (without the unreadable images)" if bad else "")
-                writer = _SafeWriter(str(tmp), fields, num_workers=min(opts.workers, len(kept.files)),
-                                     page_size=opts.page_size, desc=desc)
-                writer.from_indexed_dataset(records, chunksize=opts.chunk_size)
-                flagged = records.flagged()
-                if not flagged:
-                    break
-                bad.update((f, read_checked(f)[1] or "changed while being written") for f in flagged)
-                if opts.on_error == "fail":
-                    raise UnreadableImages(
-                        f"{len(bad)} unreadable images in '{source.root}'; nothing was written (fix or remove them, "
-                        f"or set writer.on_error=skip to write the rest and list them in the sidecar): "
-                        f"{format_bad(bad)}", bad)
-                kept = source.drop(set(bad))
-                if not kept.files:
-                    raise UnreadableImages(f"every image in '{source.root}' is unreadable: {format_bad(bad)}", bad)
-            _fsync(tmp)
-            seconds = time.perf_counter() - t0
-            counts = np.bincount(kept.labels, minlength=len(kept.classes)).tolist()
-            summary = {
-                "images": len(kept.files), "classes": len(kept.classes), "skipped": len(bad),
-                "bytes": tmp.stat().st_size, "seconds": round(seconds, 3),
-                "images_per_second": round(len(kept.files) / seconds, 1), "workers": opts.workers,
-            }
-            meta = {
-                "beton": out.name,
-                "source": {"kind": kept.kind, "root": kept.root},
-                "classes": kept.classes,
-                "class_counts": counts,
-                "options": asdict(opts),
-                "skipped": [{"path": p, "reason": r} for p, r in sorted(bad.items())],
-                "ignored": [{"path": p, "reason": r} for p, r in kept.ignored],
-                "summary": summary,
-                "versions": _versions(),
-                "written_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                # Record order: file i of this list is record i of the beton (used for ReaL labels).
-                "files": [os.path.relpath(f, kept.root) for f in kept.files],
-                "labels": list(map(int, kept.labels)),
-            }
-            if kept.boxes is not None:  # [x0, y0, x1, y1] in the source image's pixels, of size [w, h]
-                meta["boxes"] = kept.boxes
-                meta["box_image_sizes"] = [records.size(i) for i in range(len(kept.files))]
-            meta.update(extra or {})
-            tmp_side.write_text(json.dumps(meta, indent=1))
-            _fsync(tmp_side)
-            os.replace(tmp_side, side)
-            os.replace(tmp, out)
-            _fsync(out.parent)
-    finally:
-        for p in (tmp, tmp_side):
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
+    # the beton and its sidecar appear together or not at all (the sidecar first: a beton is never without it)
+    with _sigterm_raises(), atomic_path(out) as tmp, atomic_path(side) as tmp_side:
+        kept = source
+        while True:  # once; twice with on_error=skip when some images do not decode
+            records = _Records(kept.files, kept.labels)
+            desc = f"writing {out.name}" + (" (without the unreadable images)" if bad else "")
+            writer = _SafeWriter(str(tmp), fields, num_workers=min(opts.workers, len(kept.files)),
+                                 page_size=opts.page_size, desc=desc)
+            writer.from_indexed_dataset(records, chunksize=opts.chunk_size)
+            flagged = records.flagged()
+            if not flagged:
+                break
+            bad.update((f, read_checked(f)[1] or "changed while being written") for f in flagged)
+            if opts.on_error == "fail":
+                raise UnreadableImages(
+                    f"{len(bad)} unreadable images in '{source.root}'; nothing was written (fix or remove them, "
+                    f"or set writer.on_error=skip to write the rest and list them in the sidecar): "
+                    f"{format_bad(bad)}", bad)
+            kept = source.drop(set(bad))
+            if not kept.files:
+                raise UnreadableImages(f"every image in '{source.root}' is unreadable: {format_bad(bad)}", bad)
+        seconds = time.perf_counter() - t0
+        counts = np.bincount(kept.labels, minlength=len(kept.classes)).tolist()
+        summary = {
+            "images": len(kept.files), "classes": len(kept.classes), "skipped": len(bad),
+            "bytes": tmp.stat().st_size, "seconds": round(seconds, 3),
+            "images_per_second": round(len(kept.files) / seconds, 1), "workers": opts.workers,
+        }
+        meta = {
+            "beton": out.name,
+            "source": {"kind": kept.kind, "root": kept.root},
+            "classes": kept.classes,
+            "class_counts": counts,
+            "options": asdict(opts),
+            "skipped": [{"path": p, "reason": r} for p, r in sorted(bad.items())],
+            "ignored": [{"path": p, "reason": r} for p, r in kept.ignored],
+            "summary": summary,
+            "versions": _versions(),
+            "written_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            # Record order: file i of this list is record i of the beton (used for ReaL labels).
+            "files": [os.path.relpath(f, kept.root) for f in kept.files],
+            "labels": list(map(int, kept.labels)),
+        }
+        if kept.boxes is not None:  # [x0, y0, x1, y1] in the source image's pixels, of size [w, h]
+            meta["boxes"] = kept.boxes
+            meta["box_image_sizes"] = [records.size(i) for i in range(len(kept.files))]
+        meta.update(extra or {})
+        tmp_side.write_text(json.dumps(meta, indent=1))
+    _fsync(out.parent)
     if opts.verify:
         summary["verified"] = verify_beton(out, kept.labels, workers=opts.workers)
     return summary

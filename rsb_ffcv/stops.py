@@ -1,0 +1,135 @@
+"""When the training loop stops or saves: signals (SIGTERM before a time limit, Ctrl-C), the timed checkpoint
+clock, and the step at which every rank agrees to act on them; plus the fault-injection hooks of the tests.
+
+A signal only sets a flag on the rank that got it, and a rank's clock says when a timed checkpoint is due.
+`StepAgreement` turns those per-rank flags into one decision at one optimizer step for all ranks. The handlers
+are installed for the training only (`StopControl.signals()`) and the previous ones restored after it, so a
+tool that trains and then does other work in the same process (make demo's report) gets its Ctrl-C back.
+
+Test hooks live in environment variables, not in the config: they are not part of the product's surface
+(`--help`, config.yaml, W&B). They fire only in a run that did not resume, or a resumed run would fault again:
+- RSB_FFCV_TEST_SIGNAL_AT='RANK:STEP[:TERM|KILL],...': that rank sends itself the signal after that global step;
+- RSB_FFCV_TEST_NAN_AT_STEP=N: the loss of global step N (counted from 0, before the update) is made NaN.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+
+import torch
+import torch.distributed as dist
+
+from .config import ConfigError
+
+SIGNAL_HOOK = "RSB_FFCV_TEST_SIGNAL_AT"
+NAN_HOOK = "RSB_FFCV_TEST_NAN_AT_STEP"
+HOOK_SIGNALS = {"TERM": signal.SIGTERM, "KILL": signal.SIGKILL}
+
+
+def parse_signal_hook(spec: str) -> dict[tuple[int, int], int]:
+    """'RANK:STEP[:TERM|KILL],...' → {(rank, step): signal number}."""
+    out = {}
+    for item in (i.strip() for i in spec.split(",") if i.strip()):
+        rank, step, name = (item.split(":") + ["TERM"])[:3] if item.count(":") in (1, 2) else ("", "", "")
+        if not (rank.isdigit() and step.isdigit() and name in HOOK_SIGNALS):
+            raise ConfigError(f"{SIGNAL_HOOK}='{spec}': expected RANK:STEP[:TERM|KILL][,...]")
+        out[int(rank), int(step)] = HOOK_SIGNALS[name]
+    return out
+
+
+def nan_hook_step() -> int | None:
+    value = os.environ.get(NAN_HOOK, "")
+    if value and not value.isdigit():
+        raise ConfigError(f"{NAN_HOOK}='{value}': expected a step number")
+    return int(value) if value else None
+
+
+def poison_loss(loss_fn, at_step: int, step):
+    """loss_fn, whose loss is NaN while step() == at_step (the NaN test hook)."""
+    def poisoned(*args, **kwargs):
+        loss = loss_fn(*args, **kwargs)
+        return loss * float("nan") if step() == at_step else loss
+    return poisoned
+
+
+class StepAgreement:
+    """Every rank leaves the training loop, or checkpoints, at the same optimizer step when any rank asks.
+
+    At every optimizer step each rank calls `poll(stop, checkpoint)`: it reads the sums of the flags that the
+    ranks sent at the previous step, then sends its current flags, as an asynchronous all-reduce of two CPU floats
+    on a gloo group of its own. All ranks read the same sums at the same step, so they act together, one or two
+    steps after the first rank asked. Nothing waits on the GPU (the values live on the host), and the wait for the
+    previous step's all-reduce is over before it starts unless another rank's host is a step behind, which the
+    next gradient all-reduce would wait for anyway. Not piggybacked on the logging step's sync: that can be 50
+    steps, over a minute for A1 on V100s, longer than torchrun's or a scheduler's grace period before SIGKILL.
+    """
+
+    def __init__(self, world: int):
+        self.world = world
+        self.group = dist.new_group(backend="gloo") if world > 1 else None
+        self.pending = None  # (work, tensor) sent at the previous step
+
+    def poll(self, stop: bool, checkpoint: bool = False) -> tuple[bool, bool]:
+        """(stop, checkpoint) as agreed by all ranks for this step."""
+        if self.world == 1:
+            return stop, checkpoint
+        agreed = (False, False)
+        if self.pending is not None:
+            work, flags = self.pending
+            work.wait()
+            agreed = (flags[0].item() > 0, flags[1].item() > 0)  # a CPU tensor: no device sync
+        flags = torch.tensor([float(stop), float(checkpoint)])
+        self.pending = (dist.all_reduce(flags, group=self.group, async_op=True), flags)
+        return agreed
+
+    def close(self) -> None:
+        """Wait for the last all-reduce (every rank sent it) so that no collective is left in flight."""
+        if self.pending is not None:
+            self.pending[0].wait()
+            self.pending = None
+
+
+class StopControl:
+    """One rank's view: `requested` (a signal came), the timed-save clock, the agreement, the signal hook."""
+
+    def __init__(self, rank: int, world: int, checkpoint_every_min: float, resumed: bool):
+        self.rank = rank
+        self.requested = False
+        self.every_s = 60 * checkpoint_every_min
+        self.last_save = time.monotonic()
+        self.agreement = StepAgreement(world)
+        self.hook_signals = {} if resumed else parse_signal_hook(os.environ.get(SIGNAL_HOOK, ""))
+
+    def poll(self, step: int) -> tuple[bool, bool]:
+        """After optimizer step `step`: (stop, save) as all ranks agree on them at this step."""
+        if (self.rank, step) in self.hook_signals:
+            os.kill(os.getpid(), self.hook_signals[self.rank, step])
+        due = 0 < self.every_s <= time.monotonic() - self.last_save
+        return self.agreement.poll(self.requested, due)
+
+    def saved(self) -> None:
+        self.last_save = time.monotonic()
+
+    def close(self) -> None:
+        self.agreement.close()
+
+    def _on_signal(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:  # Ctrl-C twice: stop now
+            raise KeyboardInterrupt
+        if self.requested:  # Slurm signals every process of a step, and torchrun passes it on again
+            return
+        self.requested = True
+        print(f"signal {signum} on rank {self.rank}: the ranks finish the current step together, then save",
+              flush=True)
+
+    @contextlib.contextmanager
+    def signals(self):
+        """SIGTERM and SIGINT request a stop while inside; the previous handlers come back on the way out."""
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
