@@ -42,7 +42,7 @@ demo: install
 # Everything (about 15 minutes on 2 cores); test-fast leaves out the tests marked slow (multi-process, cgroup,
 # report and end-to-end runs) for everyday edits.
 test: install test-deps
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" tests

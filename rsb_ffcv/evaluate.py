@@ -30,7 +30,8 @@ from .weights import label_map, load_model
 
 Section("eval", "evaluation").params(
     models=Param(str, "comma-separated model specs [NAME=]SOURCE: a checkpoint .pt, "
-                      "wandb:ENTITY/PROJECT/NAME:ALIAS, or timm:ARCH[:WEIGHTS]", required=True),
+                      "wandb:ENTITY/PROJECT/NAME:ALIAS, timm:ARCH[:WEIGHTS], or local-dir:FOLDER (an export)",
+                 required=True),
     datasets=Param(str, "comma-separated betons (each with its .json sidecar)", required=True),
     real_labels=Param(str, "ImageNet-ReaL labels: a real.json path, or 'timm' for the copy timm ships; scores "
                            "the datasets whose files are ILSVRC2012_val_*", default=""),

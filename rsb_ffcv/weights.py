@@ -6,6 +6,10 @@ A model spec is `[NAME=]SOURCE`, SOURCE one of
 - `timm:ARCH:WEIGHTS`: a timm-format state dict (.pth/.bin/.safetensors) for timm model ARCH, e.g. the
   RSB weights `timm:resnet50:resnet50_a1_0-14fe96d1.pth`; `timm:ARCH` alone fetches timm's pretrained
   weights (needs the network). 1000-output models take ImageNet-1k's class order.
+- `local-dir:FOLDER`: a folder in timm's Hugging Face layout (config.json + model.safetensors), as
+  `python -m rsb_ffcv.export` writes it, loaded by timm itself (`timm.create_model("local-dir:FOLDER",
+  pretrained=True)`); the class list is config.json's `label_names` (else ImageNet-1k's order for 1000
+  outputs, else the output indices).
 Files are read without running code (rsb_ffcv.checkpoint.load_file: weights_only, or safetensors); a
 file that needs more is refused unless the tool's `trust_pickles` flag trusts it.
 """
@@ -75,9 +79,71 @@ def parse_spec(spec: str) -> tuple[str, str]:
         name = Path(spec).parent.name if spec.endswith(".pt") else spec.split(":")[1] if ":" in spec else spec
         if spec.startswith("wandb:"):
             name = spec.split("/")[-1]
+        if spec.startswith(LOCAL_DIR):
+            name = Path(spec[len(LOCAL_DIR):]).name or spec
     if not source:
         raise ConfigError(f"model spec '{spec}' is empty after '='")
     return name, source
+
+
+LOCAL_DIR = "local-dir:"
+
+
+def load_checkpoint(name: str, source: str, trust: bool = False, trust_flag: str = "eval.trust_pickles",
+                    key: str = "") -> tuple[Path, dict]:
+    """The file and content of an rsb_ffcv checkpoint named by `source` (a path or wandb:ENTITY/PROJECT/NAME:ALIAS,
+    downloaded); ConfigError (one line, naming `key`, else the model) when it is missing or not ours."""
+    what = key or f"model '{name}'"
+    if source.startswith("wandb:"):
+        path = checkpoint.resolve_resume(source, Path("."), key=what)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"{what}: checkpoint '{source}' not found")
+    ck = checkpoint.load(path, trust, trust_flag)
+    if not checkpoint.is_ours(ck):
+        hint = (f"for a timm-format state dict write timm:ARCH:{source}" if not key else
+                "give a checkpoint written by python -m rsb_ffcv.train (runs/NAME/best.pt or last.pt)")
+        raise ConfigError(f"{what}: '{source}' is not an rsb_ffcv checkpoint; {hint}")
+    return path, ck
+
+
+def checkpoint_weights(ck: dict, use_ema: bool, name: str, source: str) -> dict:
+    """The model's or the EMA's state dict of a checkpoint of ours, with plain timm keys (no `module.` of the EMA
+    wrapper or DDP, no `_orig_mod.` of torch.compile)."""
+    weights = ck["model"]
+    if use_ema:
+        if not ck.get("ema"):
+            raise ConfigError(f"model '{name}': checkpoint '{source}' holds no EMA weights")
+        weights = ck["ema"]
+    return {plain_key(k): v for k, v in weights.items()}
+
+
+def plain_key(key: str) -> str:
+    """A state-dict key without the wrappers' prefixes (`module.`: ModelEmaV3, DDP; `_orig_mod.`: torch.compile)."""
+    while key.startswith(("module.", "_orig_mod.")):
+        key = key.split(".", 1)[1]
+    return key
+
+
+def _local_dir_model(name: str, folder: str) -> tuple[torch.nn.Module, list[str]]:
+    """timm's own loader of an exported folder; the class list from its config.json."""
+    path = Path(folder)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"model '{name}': '{folder}' is not an exported folder (no config.json; write one with "
+                          f"python -m rsb_ffcv.export)")
+    try:
+        model = timm.create_model(f"{LOCAL_DIR}{path}", pretrained=True)
+    except Exception as e:  # timm: unknown arch, no weights file, weights that do not fit (strict load)
+        raise ConfigError(f"model '{name}': timm cannot load '{folder}' ({type(e).__name__}: "
+                          f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+    n = model.num_classes
+    labels = model.pretrained_cfg.get("label_names")
+    if isinstance(labels, (list, tuple)) and len(labels) == n:
+        classes = [str(c) for c in labels]
+    else:
+        classes = imagenet_synsets() if n == 1000 else [str(i) for i in range(n)]
+    return model, classes
 
 
 def load_model(spec: str, device: torch.device, use_ema: bool = False, trust: bool = False,
@@ -85,7 +151,9 @@ def load_model(spec: str, device: torch.device, use_ema: bool = False, trust: bo
     """Build the model in eval mode, channels-last, on `device`. `trust`: load pickles that need more than
     tensors (the user set `trust_flag`)."""
     name, source = parse_spec(spec)
-    if source.startswith("timm:"):
+    if source.startswith(LOCAL_DIR):
+        model, classes = _local_dir_model(name, source[len(LOCAL_DIR):])
+    elif source.startswith("timm:"):
         arch, _, weights = source[len("timm:"):].partition(":")
         if weights:
             path = Path(weights)
@@ -104,24 +172,10 @@ def load_model(spec: str, device: torch.device, use_ema: bool = False, trust: bo
         n = model.num_classes
         classes = imagenet_synsets() if n == 1000 else [str(i) for i in range(n)]
     else:
-        if source.startswith("wandb:"):
-            path = checkpoint.resolve_resume(source, Path("."), key=f"model '{name}'")
-        else:
-            path = Path(source)
-            if not path.is_file():
-                raise ConfigError(f"model '{name}': checkpoint '{source}' not found")
-        ck = checkpoint.load(path, trust, trust_flag)
-        if not checkpoint.is_ours(ck):
-            raise ConfigError(f"model '{name}': '{source}' is not an rsb_ffcv checkpoint; for a timm-format "
-                              f"state dict write timm:ARCH:{source}")
+        _, ck = load_checkpoint(name, source, trust, trust_flag)
         classes = ck["classes"]
         model = _timm_model(ck["arch"], num_classes=len(classes))
-        weights = ck["model"]
-        if use_ema:
-            if not ck.get("ema"):
-                raise ConfigError(f"model '{name}': checkpoint '{source}' holds no EMA weights")
-            weights = {k.removeprefix("module."): v for k, v in ck["ema"].items()}
-        _load_weights(model, weights, f"model '{name}': checkpoint '{source}'")
+        _load_weights(model, checkpoint_weights(ck, use_ema, name, source), f"model '{name}': checkpoint '{source}'")
     model = model.to(device).to(memory_format=torch.channels_last).eval()
     return LoadedModel(name, model, list(classes), source)
 
