@@ -17,6 +17,7 @@ import math
 import queue
 import socket
 import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,10 +85,17 @@ def _close(it, ffcv_close) -> None:
     """An EpochIterator's close() that returns once its thread has stopped. FFCV 1.0.2's only flags the thread, which
     goes on decoding into the loader's batch buffers until its queue is full and then waits up to 0.5 s: the next
     epoch's thread, writing the same buffers, would race with it (nondeterministic batches after an epoch left
-    early: a step cap, a stop, a resumed epoch)."""
-    it.terminate_event.set()
+    early: a step cap, a stop, a resumed epoch). Here the thread is given no more batches and its queue is drained,
+    so it ends after the batch it is decoding."""
     if it is not threading.current_thread() and it.is_alive():
-        it.join(timeout=120)
+        it.iter_ixes = iter(())  # its next batch: none (it then queues None and ends)
+        it.terminate_event.set()
+        q = it.output_queue._q if isinstance(it.output_queue, _WatchedQueue) else it.output_queue
+        deadline = time.monotonic() + 120
+        while it.is_alive() and time.monotonic() < deadline:
+            with contextlib.suppress(queue.Empty):
+                q.get(timeout=0.05)  # room for the thread's pending put
+        it.join(timeout=1)
     ffcv_close()
 
 
