@@ -83,10 +83,11 @@ def epoch(loader: Loader, torch_threads: int):
 
 def _close(it, ffcv_close) -> None:
     """An EpochIterator's close() that returns once its thread has stopped. FFCV 1.0.2's only flags the thread, which
-    goes on decoding into the loader's batch buffers until its queue is full and then waits up to 0.5 s: the next
-    epoch's thread, writing the same buffers, would race with it (nondeterministic batches after an epoch left
-    early: a step cap, a stop, a resumed epoch). Here the thread is given no more batches and its queue is drained,
-    so it ends after the batch it is decoding."""
+    goes on decoding batches until its queue is full and then waits up to 0.5 s, running the loader's decoder
+    meanwhile: our crop decoder's per-batch key (crop_decoder's batch counter, set for the next epoch when it
+    starts) would be advanced by the old thread while the next epoch's thread uses it (nondeterministic crops after
+    an epoch left early: a step cap, a stop, a resumed epoch). Here the thread is given no more batches and its
+    queue is drained, so it ends after the batch it is decoding; a thread still alive after 120 s raises."""
     if it is not threading.current_thread() and it.is_alive():
         it.iter_ixes = iter(())  # its next batch: none (it then queues None and ends)
         it.terminate_event.set()
@@ -96,6 +97,8 @@ def _close(it, ffcv_close) -> None:
             with contextlib.suppress(queue.Empty):
                 q.get(timeout=0.05)  # room for the thread's pending put
         it.join(timeout=1)
+        if it.is_alive():
+            raise LoaderDied("the FFCV loader thread did not stop within 120 s of closing its epoch")
     ffcv_close()
 
 

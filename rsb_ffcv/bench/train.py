@@ -64,8 +64,8 @@ def timed_steps(trainer: Trainer, epochs, micro_batches: int) -> dict:
                     t0, meter.wait = time.perf_counter(), 0.0
                 trainer.recipe.train_step(batches, step)
                 timed += step >= warmup
-        sync(device)
-        seconds, wait = seconds + time.perf_counter() - t0, wait + meter.wait
+            sync(device)  # the clock stops before the loader's thread is stopped
+            seconds, wait = seconds + time.perf_counter() - t0, wait + meter.wait
     images = timed * data.accum * data.micro_batch
     return {"images_per_s": images / seconds, "data_wait_fraction": wait / seconds, "steps": timed * data.accum}
 
