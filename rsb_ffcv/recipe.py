@@ -162,7 +162,7 @@ class Recipe:
             distribute_bn(model, world, reduce=mode == "reduce")
 
     def weights_finite(self) -> bool:
-        return all(bool(p.isfinite().all()) for p in self.model.parameters())
+        return bool(torch.stack([p.isfinite().all() for p in self.model.parameters()]).all())  # one device sync
 
     def checkpoint_bytes(self) -> int:
         """About the size of a checkpoint: the weights, the optimizer's moments (LAMB/AdamW: 2 per weight, SGD

@@ -152,6 +152,9 @@ def load_model(spec: str, device: torch.device, use_ema: bool = False, trust: bo
     tensors (the user set `trust_flag`)."""
     name, source = parse_spec(spec)
     if source.startswith(LOCAL_DIR):
+        if use_ema:
+            raise ConfigError(f"'{source}': an exported folder holds one set of weights (its card says which); "
+                              f"evaluate it without use_ema")
         model, classes = _local_dir_model(name, source[len(LOCAL_DIR):])
     elif source.startswith("timm:"):
         arch, _, weights = source[len("timm:"):].partition(":")
