@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import inspect
 import json
 import os
 import re
@@ -38,9 +37,9 @@ from pathlib import Path
 import torch
 import yaml
 from fastargs import Param, Section
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from . import cli
-from .augment import Normalize
 from .cli import first_line
 from .config import BoolStr, Choice, ConfigError, load_config, nest
 from .files import atomic_path
@@ -175,12 +174,11 @@ def _same_source(evaluated: str, ck_path: Path, source: str) -> bool:
 def data_config(cfg: dict) -> dict:
     """The preprocessing the run evaluated with, in timm's data-config keys: the val loader's centre crop (shorter
     side resized to int(test / crop ratio), then the centre test x test), its filter, Normalize's mean and std."""
-    defaults = inspect.signature(Normalize).parameters
     size = int(cfg["resolution.test"])
     return {"input_size": (3, size, size), "crop_pct": float(cfg["resolution.test_crop_ratio"]), "crop_mode": "center",
             "interpolation": cfg.get("data.test_interpolation", "bicubic"),
-            "mean": tuple(float(v) for v in defaults["mean"].default),
-            "std": tuple(float(v) for v in defaults["std"].default)}
+            "mean": tuple(float(v) for v in IMAGENET_DEFAULT_MEAN),  # augment.Normalize's defaults
+            "std": tuple(float(v) for v in IMAGENET_DEFAULT_STD)}
 
 
 def label_info(classes: list[str]) -> dict:

@@ -22,6 +22,7 @@ import timm
 import torch
 
 from . import checkpoint
+from .cli import first_line
 from .config import ConfigError
 from .datasets.sources import imagenet_synsets
 
@@ -136,7 +137,7 @@ def _local_dir_model(name: str, folder: str) -> tuple[torch.nn.Module, list[str]
         model = timm.create_model(f"{LOCAL_DIR}{path}", pretrained=True)
     except Exception as e:  # timm: unknown arch, no weights file, weights that do not fit (strict load)
         raise ConfigError(f"model '{name}': timm cannot load '{folder}' ({type(e).__name__}: "
-                          f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+                          f"{first_line(e)})") from None
     n = model.num_classes
     labels = model.pretrained_cfg.get("label_names")
     if isinstance(labels, (list, tuple)) and len(labels) == n:
