@@ -241,6 +241,7 @@ class Checkpoints:
             recipe.ema.load_state_dict(s["ema"])
         recipe.optimizer.load_state_dict(s["optimizer"])
         recipe.scaler.load_state_dict(s["scaler"])
+        recipe.rebuild_buckets = True
         progress.epoch, progress.step, progress.best_top1 = s["epoch"], s["step"], s["best_top1"]
         progress.epoch_steps_done = s["epoch_steps_done"]
         ranks = s.get("rank_states") or [{"rng": s["rng"]}]  # older checkpoints: rank 0's random state only

@@ -117,6 +117,8 @@ class Recipe:
     precision: Precision
     accum: int
     clip_grad: float
+    rebuild_buckets: bool = False  # set on resume: the first step settles DDP's buckets first
+
 
     def set_lr(self, epoch: int, step: int) -> None:
         """The rate at the start of `epoch` (step_unit=epoch, timm 2021) or of update `step` (update)."""
@@ -135,6 +137,8 @@ class Recipe:
         for k in range(self.accum):
             images, labels = next(batches)
             x, y = augment(images, labels)
+            if self.rebuild_buckets:
+                self.settle_ddp_buckets(x, y)
             with self.ddp.no_sync() if self.ddp is not None and k < self.accum - 1 else contextlib.nullcontext():
                 with self.precision.autocast():
                     loss = self.loss_fn(self.train_model(x), y)
@@ -151,6 +155,30 @@ class Recipe:
         if self.step_unit == "update":
             self.scheduler.step_update(num_updates=step + 1)
         return loss_sum / self.accum
+
+    def settle_ddp_buckets(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Give a resumed run's fresh DDP the gradient buckets the uninterrupted run had at this step.
+
+        DDP puts every parameter into one bucket for its first backward and rebuilds its buckets in the order the
+        gradients became ready after it (torch/nn/parallel/distributed.py, `compute_bucket_size_limits`). At 3 or
+        more ranks the all-reduce's float sums depend on where a gradient sits in its bucket (a ring sums each
+        chunk in another rank order), so the first update after a resume differed from the uninterrupted run's
+        in the 7th digit. This runs that first backward on the step's own micro-batch, same shapes and graph as a
+        training step, and leaves nothing behind: gradients dropped, random state forked, BatchNorm buffers
+        restored. Costs one forward/backward per resume."""
+        self.rebuild_buckets = False
+        if self.ddp is None:
+            return
+        buffers = [b.detach().clone() for b in self.model.buffers()]
+        devices = [x.device] if x.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            with self.precision.autocast():
+                loss = self.loss_fn(self.train_model(x), y)
+            (loss * 0).backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for b, saved in zip(self.model.buffers(), buffers):
+                b.copy_(saved)
 
     def reduce_batchnorm(self, world: int, mode: str) -> None:
         """Make the BatchNorm running statistics of every rank equal (timm's --dist-bn with its distribute_bn:
