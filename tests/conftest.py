@@ -119,6 +119,26 @@ def ddp_reference(demo_betons, tmp_path_factory):
     return run_dir
 
 
+def ddp4_args(demo, run_dir, *extra):
+    """ddp_args for 4 processes, as a 4-GPU node runs the recipe: repeated augmentation, 4 images per device,
+    one compute thread per process (float sums depend on the thread count)."""
+    return ddp_args(demo, run_dir, "--training.repeated_aug=2", "--training.max_device_batch=4",
+                    "--training.cpu_threads=1", *extra)
+
+
+@pytest.fixture(scope="session")
+def ddp4_reference(demo_betons, tmp_path_factory):
+    """An uninterrupted 4-process run of ddp4_args (1 node, torchrun): at 3 or more ranks the all-reduce's float
+    sums depend on the order of its operands, which a resume must not change."""
+    run_dir = tmp_path_factory.mktemp("ddp4_reference") / "run"
+    torchrun("-m", "rsb_ffcv.train", *ddp4_args(demo_betons, run_dir), nproc=4)
+    return run_dir
+
+
+def step_losses(run_dir):
+    return {m["step"]: m["train/loss"] for m in metrics(run_dir) if "train/loss" in m}
+
+
 def final_weights(run_dir):
     """last.pt's model state (tensors)."""
     import torch

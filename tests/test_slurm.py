@@ -1,5 +1,5 @@
 """scripts/slurm/rsb.sbatch on a real two-node Slurm cluster started by the test (tests/slurm_cluster.py): the
-2-node run equals a 1-node torchrun run, and a job signalled before its time limit saves, is requeued and
+2-node run equals a 1-node torchrun run, and a 2 x 2-process job signalled before its time limit saves, is requeued and
 resumes into the same weights and W&B run (issue 18). gloo on the CPU, the demo betons, a few steps."""
 import os
 import subprocess
@@ -8,8 +8,8 @@ import time
 
 import pytest
 import slurm_cluster
-from conftest import (ROOT, ddp_args, digests, epoch_losses, final_weights, metrics, same_weights, step_lrs,
-                      wandb_run_ids)
+from conftest import (ROOT, ddp4_args, ddp_args, digests, final_weights, metrics, same_weights, step_losses,
+                      step_lrs, wandb_run_ids)
 
 pytestmark = pytest.mark.slow
 SCRIPT = ROOT / "scripts" / "slurm" / "rsb.sbatch"
@@ -37,13 +37,14 @@ def cluster(tmp_path_factory):
     c.stop()
 
 
-def submit(cluster, demo, run_dir, *extra, nodes=2):
-    """sbatch rsb.sbatch on `nodes` nodes (one CPU process each) from the repository, as a user would; one compute
-    thread per process, as the 1-node 2-process reference has (float sums depend on the thread count)."""
+def submit(cluster, demo, run_dir, *extra, nodes=2, procs=1, args=ddp_args):
+    """sbatch rsb.sbatch on `nodes` nodes (`procs` CPU processes each) from the repository, as a user would; one
+    compute thread per process, as the 1-node references have (float sums depend on the thread count)."""
     out = run_dir.parent / f"{run_dir.name}-%j.out"
     job = cluster.sbatch(f"--nodes={nodes}", f"--output={out}", str(SCRIPT), str(ROOT / "rsb_configs" / "demo.yaml"),
-                         *ddp_args(demo, run_dir, "--training.cpu_threads=1", *extra)[2:], cwd=ROOT,
-                         env_extra={"RSB_RUN_DIR": str(run_dir), "RSB_PYTHON": sys.executable})
+                         *args(demo, run_dir, "--training.cpu_threads=1", *extra)[2:], cwd=ROOT,
+                         env_extra={"RSB_RUN_DIR": str(run_dir), "RSB_PYTHON": sys.executable,
+                                    "RSB_PROCS_PER_NODE": str(procs)})
     return job, run_dir.parent / f"{run_dir.name}-{job}.out"
 
 
@@ -70,12 +71,13 @@ def test_two_nodes_train_like_one_node_with_two_processes(cluster, ddp_reference
     assert same_weights(final_weights(run_dir), final_weights(ddp_reference))
 
 
-def test_a_signalled_job_saves_is_requeued_and_resumes_exactly(cluster, ddp_reference, demo_betons, tmp_path):
-    """SIGTERM to the batch script mid-run (what --signal=B:TERM@120 sends before the time limit, or scancel
-    --batch --signal=TERM): the processes stop together and save, the script requeues the job, the second start
-    resumes from last.pt in the same W&B run, and the run ends as the uninterrupted one."""
+def test_a_signalled_job_saves_is_requeued_and_resumes_exactly(cluster, ddp4_reference, demo_betons, tmp_path):
+    """2 nodes x 2 processes. SIGTERM to the batch script mid-run (what --signal=B:TERM@120 sends before the time
+    limit, or scancel --batch --signal=TERM): the processes stop together and save, the script requeues the job,
+    the second start resumes from last.pt in the same W&B run, and the run ends bit-identical to the uninterrupted
+    1-node 4-process run (at 4 ranks the all-reduce's sums depend on DDP's buckets, which a resume settles)."""
     run_dir = tmp_path / "requeued"
-    job, out = submit(cluster, demo_betons, run_dir, "--logging.wandb_mode=offline")
+    job, out = submit(cluster, demo_betons, run_dir, "--logging.wandb_mode=offline", procs=2, args=ddp4_args)
     deadline = time.monotonic() + 300
     while not (run_dir / "metrics.jsonl").exists() or not metrics(run_dir):  # the first step is done
         assert time.monotonic() < deadline and cluster.job(job)["JobState"] in ("PENDING", "RUNNING"), \
@@ -89,11 +91,12 @@ def test_a_signalled_job_saves_is_requeued_and_resumes_exactly(cluster, ddp_refe
     assert "stopped by signal at step" in log and "requeueing job" in log and "(start 2)" in log
     assert "resumed from" in log.split("(start 2)")[1]
     assert [m["step"] for m in metrics(run_dir) if "train/lr" in m] == list(range(1, 13))
-    assert epoch_losses(run_dir) == epoch_losses(ddp_reference)
+    assert "2 node(s) x 2 process(es)" in log
+    assert step_losses(run_dir) == step_losses(ddp4_reference)
     ids = wandb_run_ids(run_dir)
     assert len(ids) == 2 and len(set(ids)) == 1  # two starts, one W&B run
-    assert step_lrs(run_dir) == step_lrs(ddp_reference) and digests(run_dir) == digests(ddp_reference)
-    assert same_weights(final_weights(run_dir), final_weights(ddp_reference))
+    assert step_lrs(run_dir) == step_lrs(ddp4_reference) and digests(run_dir) == digests(ddp4_reference)
+    assert same_weights(final_weights(run_dir), final_weights(ddp4_reference))
 
 
 def test_the_script_refuses_a_missing_config_in_one_line(cluster, tmp_path):
