@@ -7,11 +7,14 @@ share of the CPU cores). torchrun sets all four, on one node or several (scripts
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+from .cli import RunFailure
 from .config import ConfigError
 from .datasets.images import available_cpus
 
@@ -24,6 +27,7 @@ class Dist:
     local_world: int
     device: torch.device
     cpu_group: object = None  # a gloo group of all ranks, for Python objects (world > 1)
+    timeout: timedelta = timedelta(minutes=5)  # of every collective: a rank that stops answering ends the run
 
     @property
     def is_main(self) -> bool:
@@ -53,8 +57,9 @@ class Dist:
         return t.tolist()
 
 
-def init(device_choice: str = "auto", key: str = "training.device") -> Dist:
-    """`key` names the option that chose the device, for the error message."""
+def init(device_choice: str = "auto", key: str = "training.device", timeout_min: float = 5.0) -> Dist:
+    """`key` names the option that chose the device, for the error message. `timeout_min`: how long a collective
+    waits for the other ranks (NCCL's watchdog and gloo fail it after that), for every group made here."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -70,12 +75,13 @@ def init(device_choice: str = "auto", key: str = "training.device") -> Dist:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    cpu_group = None
+    cpu_group, timeout = None, timedelta(minutes=timeout_min)
     if world > 1:
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if use_cuda else "gloo", store=_attempt_store(), rank=rank, world_size=world)
-        cpu_group = dist.new_group(backend="gloo")
-    return Dist(rank, world, local_rank, local_world, device, cpu_group)
+            dist.init_process_group("nccl" if use_cuda else "gloo", store=_attempt_store(), rank=rank, world_size=world,
+                                    timeout=timeout)
+        cpu_group = dist.new_group(backend="gloo", timeout=timeout)
+    return Dist(rank, world, local_rank, local_world, device, cpu_group, timeout)
 
 
 def _attempt_store() -> dist.Store:
@@ -85,6 +91,45 @@ def _attempt_store() -> dist.Store:
     in 3 failed so, none with the prefix)."""
     store, _, _ = next(dist.rendezvous("env://"))
     return dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
+def timed_out(e: BaseException) -> bool:
+    """A collective that waited `Dist.timeout` for another rank (gloo raises RuntimeError 'Timed out ...', NCCL's
+    watchdog DistBackendError)."""
+    return isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and "Timed out" in str(e))
+
+
+def silent_ranks(d: Dist, wait_s: float) -> list[int] | None:
+    """After a timeout: on rank 0, the ranks that do not check in within `wait_s` (each rank that is alive reaches
+    this after its own timeout); None on the other ranks, which only check in."""
+    flag = torch.zeros(1)
+    try:
+        if not d.is_main:
+            dist.send(flag, dst=0, group=d.cpu_group)
+            return None
+        works = {r: dist.irecv(torch.zeros(1), src=r, group=d.cpu_group) for r in range(1, d.world)}
+    except RuntimeError:
+        return None
+    deadline, silent = time.monotonic() + wait_s, []
+    for r, work in works.items():
+        try:
+            work.wait(timedelta(seconds=max(0.1, deadline - time.monotonic())))
+        except RuntimeError:
+            silent.append(r)
+    return silent
+
+
+def explain_timeout(d: Dist, e: BaseException) -> BaseException:
+    """`e` as the run's one-line failure when it is a collective that timed out (which ranks stopped answering,
+    when rank 0 can tell), else `e` itself. Exit 1 lets torchrun --max-restarts or rsb.sbatch resume the run."""
+    if d.world == 1 or not timed_out(e):
+        return e
+    limit = f"training.dist_timeout_min={d.timeout.total_seconds() / 60:g}"
+    silent = silent_ranks(d, min(10.0, d.timeout.total_seconds()))
+    who = ("" if silent is None else f": rank(s) {', '.join(map(str, silent))} stopped answering" if silent else
+           ": every rank answered a check after it")
+    return RunFailure(f"a collective got no answer within {limit}{who}; exiting so that torchrun --max-restarts or "
+                      f"scripts/slurm/rsb.sbatch resumes the run from last.pt")
 
 
 def cores_per_process(local_world: int) -> int:

@@ -8,7 +8,8 @@ tool that trains and then does other work in the same process (make demo's repor
 
 Test hooks live in environment variables, not in the config: they are not part of the product's surface
 (`--help`, config.yaml, W&B). They fire only in a run that did not resume, or a resumed run would fault again:
-- RSB_FFCV_TEST_SIGNAL_AT='RANK:STEP[:TERM|KILL],...': that rank sends itself the signal after that global step;
+- RSB_FFCV_TEST_SIGNAL_AT='RANK:STEP[:TERM|KILL|STOP],...': that rank sends itself the signal after that global
+  step (STOP: it freezes, as a rank in a hung collective or a stuck read would);
 - RSB_FFCV_TEST_NAN_AT_STEP=N: the loss of global step N (counted from 0, before the update) is made NaN.
 """
 from __future__ import annotations
@@ -25,16 +26,16 @@ from .config import ConfigError
 
 SIGNAL_HOOK = "RSB_FFCV_TEST_SIGNAL_AT"
 NAN_HOOK = "RSB_FFCV_TEST_NAN_AT_STEP"
-HOOK_SIGNALS = {"TERM": signal.SIGTERM, "KILL": signal.SIGKILL}
+HOOK_SIGNALS = {"TERM": signal.SIGTERM, "KILL": signal.SIGKILL, "STOP": signal.SIGSTOP}
 
 
 def parse_signal_hook(spec: str) -> dict[tuple[int, int], int]:
-    """'RANK:STEP[:TERM|KILL],...' → {(rank, step): signal number}."""
+    """'RANK:STEP[:TERM|KILL|STOP],...' → {(rank, step): signal number}."""
     out = {}
     for item in (i.strip() for i in spec.split(",") if i.strip()):
         rank, step, name = (item.split(":") + ["TERM"])[:3] if item.count(":") in (1, 2) else ("", "", "")
         if not (rank.isdigit() and step.isdigit() and name in HOOK_SIGNALS):
-            raise ConfigError(f"{SIGNAL_HOOK}='{spec}': expected RANK:STEP[:TERM|KILL][,...]")
+            raise ConfigError(f"{SIGNAL_HOOK}='{spec}': expected RANK:STEP[:TERM|KILL|STOP][,...]")
         out[int(rank), int(step)] = HOOK_SIGNALS[name]
     return out
 
@@ -66,9 +67,9 @@ class StepAgreement:
     steps, over a minute for A1 on V100s, longer than torchrun's or a scheduler's grace period before SIGKILL.
     """
 
-    def __init__(self, world: int):
+    def __init__(self, world: int, timeout=None):
         self.world = world
-        self.group = dist.new_group(backend="gloo") if world > 1 else None
+        self.group = dist.new_group(backend="gloo", timeout=timeout) if world > 1 else None
         self.pending = None  # (work, tensor) sent at the previous step
 
     def poll(self, stop: bool, checkpoint: bool = False) -> tuple[bool, bool]:
@@ -84,22 +85,23 @@ class StepAgreement:
         self.pending = (dist.all_reduce(flags, group=self.group, async_op=True), flags)
         return agreed
 
-    def close(self) -> None:
-        """Wait for the last all-reduce (every rank sent it) so that no collective is left in flight."""
-        if self.pending is not None:
+    def close(self, wait: bool = True) -> None:
+        """Wait for the last all-reduce (every rank sent it) so that no collective is left in flight; or, on a
+        failure, leave it (it may wait on a rank that stopped answering)."""
+        if self.pending is not None and wait:
             self.pending[0].wait()
-            self.pending = None
+        self.pending = None
 
 
 class StopControl:
     """One rank's view: `requested` (a signal came), the timed-save clock, the agreement, the signal hook."""
 
-    def __init__(self, rank: int, world: int, checkpoint_every_min: float, resumed: bool):
+    def __init__(self, rank: int, world: int, checkpoint_every_min: float, resumed: bool, timeout=None):
         self.rank = rank
         self.requested = False
         self.every_s = 60 * checkpoint_every_min
         self.last_save = time.monotonic()
-        self.agreement = StepAgreement(world)
+        self.agreement = StepAgreement(world, timeout)
         self.hook_signals = {} if resumed else parse_signal_hook(os.environ.get(SIGNAL_HOOK, ""))
 
     def poll(self, step: int) -> tuple[bool, bool]:
@@ -112,8 +114,8 @@ class StopControl:
     def saved(self) -> None:
         self.last_save = time.monotonic()
 
-    def close(self) -> None:
-        self.agreement.close()
+    def close(self, wait: bool = True) -> None:
+        self.agreement.close(wait)
 
     def _on_signal(self, signum, frame):
         if self.requested and signum == signal.SIGINT:  # Ctrl-C twice: stop now

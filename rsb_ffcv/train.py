@@ -42,7 +42,8 @@ class Trainer:
                               f"training.resume=auto to continue it, or choose another run_dir")
         if d.is_main and cfg["logging.wandb_mode"] == "online":  # unreachable: stop before building anything
             resolve_wandb_mode("online", "logging.wandb_mode")
-        self.stops = stops.StopControl(d.rank, d.world, cfg["training.checkpoint_every_min"], resume is not None)
+        self.stops = stops.StopControl(d.rank, d.world, cfg["training.checkpoint_every_min"], resume is not None,
+                                       d.timeout)
         self.data = loaders.build_data(cfg, d)
         self.progress = checkpoint.Progress()
         nan_at = None if resume else stops.nan_hook_step()  # test hooks fire in a fresh run only
@@ -92,8 +93,10 @@ class Trainer:
                     self.save(end_of_epoch=False)
                 else:
                     top1 = self.end_epoch(stats)
-        finally:
-            self.stops.close()
+        except BaseException:
+            self.stops.close(wait=False)  # (a failing rank does not wait for the others' last agreement)
+            raise
+        self.stops.close()
         if self.d.is_main:
             report(self.run_dir, self.tracker, self.log)
         if stopped:
@@ -187,7 +190,7 @@ def report(run_dir: Path, tracker: Tracker, log) -> None:
 
 def train(argv=None) -> int:
     cfg = load_config(train_config.SECTIONS, argv, prog="python -m rsb_ffcv.train", description=__doc__)
-    d = distributed.init(cfg["training.device"])
+    d = distributed.init(cfg["training.device"], timeout_min=cfg["training.dist_timeout_min"])
     if d.is_main:
         print("config:")
         print_config(cfg)
@@ -195,9 +198,9 @@ def train(argv=None) -> int:
     try:
         with trainer.stops.signals():  # SIGTERM/SIGINT: all ranks stop at one step and save; restored after
             trainer.fit()
-    except BaseException:
+    except BaseException as e:
         trainer.tracker.finish(1)
-        raise
+        raise distributed.explain_timeout(d, e)
     trainer.tracker.finish(0)
     return 0
 

@@ -73,6 +73,10 @@ Section("training", "the run").params(
     checkpoint_every_min=Param(float, "also checkpoint (last.pt) mid-epoch when this many minutes have passed since "
                                       "the last checkpoint, all ranks at one step: a killed node loses at most that "
                                       "much (0 = at epoch ends only)", default=10.0),
+    dist_timeout_min=Param(float, "how long a process waits in a collective (gradients, the stop agreement, "
+                                  "gathers) for the others: a rank that froze or died ends the run after this, for "
+                                  "torchrun --max-restarts or the batch script to resume it from last.pt "
+                                  "(PyTorch's defaults: 10 min NCCL, 30 min gloo)", default=5.0),
     eval_every=Param(int, "evaluate every N epochs (and always after the last)", default=1),
     steps_per_epoch=Param(int, "cap on steps per epoch (0 = the whole epoch; for smoke tests)", default=0),
 )

@@ -112,8 +112,27 @@ def test_a_killed_worker_restarts_the_group_from_the_last_checkpoint(ddp_referen
     assert same_weights(final_weights(run_dir), final_weights(ddp_reference))
 
 
+@pytest.mark.slow
+def test_a_frozen_rank_ends_the_run_which_restarts_from_the_last_checkpoint(ddp_reference, demo_betons, tmp_path):
+    """Rank 1 freezes (SIGSTOP) after step 5, as in a hung collective or a stuck read, with no signal to anyone:
+    rank 0 fails after training.dist_timeout_min with one line naming rank 1, torchrun --max-restarts=1 kills the
+    frozen process and starts both again, they resume from the last timed checkpoint, and the run ends with the
+    steps, orders and weights of the uninterrupted 2-process run."""
+    run_dir = tmp_path / "frozen"
+    p = torchrun("--max-restarts=1", "-m", "rsb_ffcv.train",
+                 *ddp_args(demo_betons, run_dir, "--training.checkpoint_every_min=1e-9", "--training.resume=auto",
+                           "--training.dist_timeout_min=0.2"),
+                 timeout=600, env_extra={stops.SIGNAL_HOOK: "1:5:STOP"})
+    assert ("error: a collective got no answer within training.dist_timeout_min=0.2: rank(s) 1 stopped answering; "
+            "exiting so that torchrun --max-restarts") in p.stderr, p.stderr[-3000:]
+    assert "resumed from" in p.stdout and "step 4" in p.stdout.split("resumed from")[1].splitlines()[0]
+    assert [m["step"] for m in metrics(run_dir) if "train/lr" in m] == list(range(1, 13))
+    assert step_lrs(run_dir) == step_lrs(ddp_reference) and digests(run_dir) == digests(ddp_reference)
+    assert same_weights(final_weights(run_dir), final_weights(ddp_reference))
+
+
 def test_signal_hook_spec():
-    assert stops.parse_signal_hook("0:3, 1:4:KILL") == {(0, 3): 15, (1, 4): 9}
+    assert stops.parse_signal_hook("0:3, 1:4:KILL, 2:5:STOP") == {(0, 3): 15, (1, 4): 9, (2, 5): 19}
     for bad in ("x", "0:3:HUP", "0", "1:2:3:4"):
         with pytest.raises(ConfigError, match=f"{stops.SIGNAL_HOOK}='{bad}': expected RANK:STEP"):
             stops.parse_signal_hook(bad)
