@@ -11,6 +11,8 @@ import slurm_cluster
 from conftest import (ROOT, ddp4_args, ddp_args, digests, final_weights, metrics, same_weights, step_losses,
                       step_lrs, wandb_run_ids)
 
+from rsb_ffcv import stops
+
 pytestmark = pytest.mark.slow
 SCRIPT = ROOT / "scripts" / "slurm" / "rsb.sbatch"
 
@@ -37,14 +39,14 @@ def cluster(tmp_path_factory):
     c.stop()
 
 
-def submit(cluster, demo, run_dir, *extra, nodes=2, procs=1, args=ddp_args):
+def submit(cluster, demo, run_dir, *extra, nodes=2, procs=1, args=ddp_args, env_extra=None):
     """sbatch rsb.sbatch on `nodes` nodes (`procs` CPU processes each) from the repository, as a user would; one
     compute thread per process, as the 1-node references have (float sums depend on the thread count)."""
     out = run_dir.parent / f"{run_dir.name}-%j.out"
     job = cluster.sbatch(f"--nodes={nodes}", f"--output={out}", str(SCRIPT), str(ROOT / "rsb_configs" / "demo.yaml"),
                          *args(demo, run_dir, "--training.cpu_threads=1", *extra)[2:], cwd=ROOT,
                          env_extra={"RSB_RUN_DIR": str(run_dir), "RSB_PYTHON": sys.executable,
-                                    "RSB_PROCS_PER_NODE": str(procs)})
+                                    "RSB_PROCS_PER_NODE": str(procs), **(env_extra or {})})
     return job, run_dir.parent / f"{run_dir.name}-{job}.out"
 
 
@@ -97,6 +99,26 @@ def test_a_signalled_job_saves_is_requeued_and_resumes_exactly(cluster, ddp4_ref
     assert len(ids) == 2 and len(set(ids)) == 1  # two starts, one W&B run
     assert step_lrs(run_dir) == step_lrs(ddp4_reference) and digests(run_dir) == digests(ddp4_reference)
     assert same_weights(final_weights(run_dir), final_weights(ddp4_reference))
+
+
+def test_a_frozen_rank_ends_the_job_which_is_requeued_and_completes(cluster, ddp_reference, demo_betons, tmp_path):
+    """Rank 1 (node n2) freezes after step 5 with no signal to anyone: rank 0 fails after
+    training.dist_timeout_min, srun ends the step (--kill-on-bad-exit, so the frozen rank does not hold the job
+    until its time limit), the script requeues the job because the step failed after writing a checkpoint, and
+    the second start resumes and ends as the uninterrupted run."""
+    run_dir = tmp_path / "frozen"
+    job, out = submit(cluster, demo_betons, run_dir, "--training.checkpoint_every_min=1e-9",
+                      "--training.dist_timeout_min=0.2", env_extra={stops.SIGNAL_HOOK: "1:5:STOP"})
+    cluster.start_requeued_now(job)
+    info = cluster.wait(job)
+    log = out.read_text()
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), log[-4000:]
+    first, second = log.split("(start 2)")
+    assert "error: a collective got no answer within training.dist_timeout_min=0.2: rank(s) 1" in first, first[-3000:]
+    assert "after writing a checkpoint" in first and "resumed from" in second
+    assert [m["step"] for m in metrics(run_dir) if "train/lr" in m] == list(range(1, 13))
+    assert step_lrs(run_dir) == step_lrs(ddp_reference) and digests(run_dir) == digests(ddp_reference)
+    assert same_weights(final_weights(run_dir), final_weights(ddp_reference))
 
 
 def test_the_script_refuses_a_missing_config_in_one_line(cluster, tmp_path):
