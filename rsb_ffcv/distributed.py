@@ -6,6 +6,7 @@ rank 0 only); the node-local LOCAL_RANK / LOCAL_WORLD_SIZE decide what it takes 
 share of the CPU cores). torchrun sets all four, on one node or several (scripts/slurm/rsb.sbatch)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -93,42 +94,45 @@ def _attempt_store() -> dist.Store:
     return dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
-def timed_out(e: BaseException) -> bool:
-    """A collective that waited `Dist.timeout` for another rank (gloo raises RuntimeError 'Timed out ...', NCCL's
-    watchdog DistBackendError)."""
-    return isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and "Timed out" in str(e))
+LOST_PEER = ("Timed out", "Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def lost_peer(e: BaseException) -> bool:
+    """A collective that waited `Dist.timeout` for another rank, or whose connection to it broke (gloo raises
+    RuntimeError with one of LOST_PEER's messages; NCCL's watchdog DistBackendError)."""
+    return isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and any(m in str(e) for m in LOST_PEER))
 
 
 def silent_ranks(d: Dist, wait_s: float) -> list[int] | None:
-    """After a timeout: on rank 0, the ranks that do not check in within `wait_s` (each rank that is alive reaches
-    this after its own timeout); None on the other ranks, which only check in."""
-    flag = torch.zeros(1)
-    try:
-        if not d.is_main:
-            dist.send(flag, dst=0, group=d.cpu_group)
-            return None
-        works = {r: dist.irecv(torch.zeros(1), src=r, group=d.cpu_group) for r in range(1, d.world)}
-    except RuntimeError:
+    """After a lost collective: on rank 0, the ranks that do not check in within `wait_s` (each rank still alive
+    gets here after its own failure); None on the other ranks, which only check in."""
+    wait = timedelta(seconds=wait_s)
+    if not d.is_main:
+        with contextlib.suppress(RuntimeError):
+            dist.isend(torch.zeros(1), dst=0, group=d.cpu_group).wait(wait)
         return None
     deadline, silent = time.monotonic() + wait_s, []
-    for r, work in works.items():
+    for r in range(1, d.world):
         try:
-            work.wait(timedelta(seconds=max(0.1, deadline - time.monotonic())))
+            left = timedelta(seconds=max(0.1, deadline - time.monotonic()))
+            dist.irecv(torch.zeros(1), src=r, group=d.cpu_group).wait(left)
         except RuntimeError:
             silent.append(r)
     return silent
 
 
-def explain_timeout(d: Dist, e: BaseException) -> BaseException:
-    """`e` as the run's one-line failure when it is a collective that timed out (which ranks stopped answering,
-    when rank 0 can tell), else `e` itself. Exit 1 lets torchrun --max-restarts or rsb.sbatch resume the run."""
-    if d.world == 1 or not timed_out(e):
+def explain_lost_rank(d: Dist, e: BaseException) -> BaseException:
+    """`e` as the run's one-line failure when a collective lost a rank (which ranks stopped answering, when rank 0
+    can tell), else `e` itself. Exit 1 lets torchrun --max-restarts or rsb.sbatch resume the run."""
+    if d.world == 1 or not lost_peer(e):
         return e
     limit = f"training.dist_timeout_min={d.timeout.total_seconds() / 60:g}"
     silent = silent_ranks(d, min(10.0, d.timeout.total_seconds()))
     who = ("" if silent is None else f": rank(s) {', '.join(map(str, silent))} stopped answering" if silent else
            ": every rank answered a check after it")
-    return RunFailure(f"a collective got no answer within {limit}{who}; exiting so that torchrun --max-restarts or "
+    reason = ("lost its connection to another rank" if any(m in str(e) for m in LOST_PEER[1:]) else
+              f"got no answer within {limit}")
+    return RunFailure(f"a collective {reason}{who}; exiting so that torchrun --max-restarts or "
                       f"scripts/slurm/rsb.sbatch resumes the run from last.pt")
 
 

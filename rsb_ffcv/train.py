@@ -200,7 +200,7 @@ def train(argv=None) -> int:
             trainer.fit()
     except BaseException as e:
         trainer.tracker.finish(1)
-        raise distributed.explain_timeout(d, e)
+        raise distributed.explain_lost_rank(d, e)
     trainer.tracker.finish(0)
     return 0
 

@@ -71,6 +71,7 @@ SchedulerType=sched/builtin
 SelectType=select/linear
 ReturnToService=2
 JobRequeue=1
+SlurmdTimeout=10
 MinJobAge=3600
 JobCompType=jobcomp/none
 JobAcctGatherType=jobacct_gather/none
@@ -133,6 +134,31 @@ class Cluster:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
 
+    def kill_node(self, node: str, job_id: int) -> list[int]:
+        """A node that loses power: SIGKILL its slurmd and, found through /proc by pid, every process of the job
+        on it (the job step's slurmstepd, torchrun and the training processes). Returns the killed pids."""
+        tasks = [pid for pid, env in _environs() if env.get("SLURMD_NODENAME") == node
+                 and env.get("SLURM_JOB_ID") == str(job_id)]
+        stepds = {_parent(pid) for pid in tasks} - set(tasks)
+        stepds = {pid for pid in stepds if pid and "slurmstepd" in _cmdline(pid)}
+        slurmd = int((self.root / f"slurmd-{node}.pid").read_text())
+        victims = [slurmd, *sorted(stepds), *tasks]
+        for pid in victims:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return victims
+
+    def down_nodes(self) -> list[str]:
+        """Nodes that slurmctld has set DOWN (a node stops answering for SlurmdTimeout)."""
+        rows = self.run("sinfo", "-h", "-N", "-o", "%N %T", check=False).stdout.splitlines()
+        return [r.split()[0] for r in rows if len(r.split()) == 2 and r.split()[1].startswith("down")]
+
+    def restart_node(self, node: str) -> None:
+        """Start the node's slurmd again, as a node that rebooted would."""
+        (self.root / f"slurmd-{node}.pid").unlink(missing_ok=True)
+        self.run("slurmd", "-N", node)
+        self.pids.append(self._pid(f"slurmd-{node}.pid"))
+
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text()[-1500:]}" for p in sorted(self.root.glob("*.log")))
 
@@ -187,3 +213,28 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
     except (FileNotFoundError, IndexError):
         return False
+
+
+def _environs():
+    """(pid, environment) of every process we may read."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                raw = (entry / "environ").read_bytes()
+            except OSError:
+                continue
+            yield int(entry.name), dict(kv.split("=", 1) for kv in raw.decode(errors="replace").split("\0") if "=" in kv)
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""

@@ -1,5 +1,6 @@
 """scripts/slurm/rsb.sbatch on a real two-node Slurm cluster started by the test (tests/slurm_cluster.py): the
-2-node run equals a 1-node torchrun run, and a 2 x 2-process job signalled before its time limit saves, is requeued and
+2-node run equals a 1-node torchrun run; a job whose rank froze or whose node died ends, is requeued and resumes
+into the uninterrupted run's weights (issue 26); and a 2 x 2-process job signalled before its time limit saves, is requeued and
 resumes into the same weights and W&B run (issue 18). gloo on the CPU, the demo betons, a few steps."""
 import os
 import subprocess
@@ -119,6 +120,41 @@ def test_a_frozen_rank_ends_the_job_which_is_requeued_and_completes(cluster, ddp
     assert [m["step"] for m in metrics(run_dir) if "train/lr" in m] == list(range(1, 13))
     assert step_lrs(run_dir) == step_lrs(ddp_reference) and digests(run_dir) == digests(ddp_reference)
     assert same_weights(final_weights(run_dir), final_weights(ddp_reference))
+
+
+def test_a_node_that_dies_costs_the_steps_since_the_last_checkpoint(cluster, ddp_reference, demo_betons, tmp_path):
+    """Node n2 loses power mid-run: its slurmd, the job step's slurmstepd, torchrun and rank 1 are SIGKILLed at
+    once, found by pid. Rank 0 on n1 fails instead of waiting (its connection broke, or after
+    training.dist_timeout_min), the job is requeued, and once n2's slurmd is back (a rebooted node) the job
+    resumes from the last timed checkpoint: one W&B run, every step logged once, the uninterrupted run's
+    weights."""
+    run_dir = tmp_path / "dead_node"
+    job, out = submit(cluster, demo_betons, run_dir, "--training.checkpoint_every_min=1e-9",
+                      "--training.dist_timeout_min=0.2", "--logging.wandb_mode=offline")
+    deadline = time.monotonic() + 300
+    while not (run_dir / "metrics.jsonl").exists() or max([m["step"] for m in metrics(run_dir)], default=0) < 5:
+        assert time.monotonic() < deadline and cluster.job(job)["JobState"] in ("PENDING", "RUNNING"), \
+            out.read_text()[-3000:] if out.exists() else cluster.job(job)
+        time.sleep(0.1)
+    killed_at, done = time.time(), max(m["step"] for m in metrics(run_dir))
+    cluster.kill_node("n2", job)
+    while "n2" not in cluster.down_nodes():  # Slurm notices (SlurmdTimeout=10 in the test cluster)
+        assert time.time() - killed_at < 120, cluster.run("sinfo", "-N").stdout + cluster.logs()
+        time.sleep(0.5)
+    cluster.restart_node("n2")
+    cluster.start_requeued_now(job)
+    info = cluster.wait(job)
+    log = out.read_text()
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-4000:] + cluster.logs()
+    assert "resumed from" in log.split("(start 2)")[1]
+    rows = metrics(run_dir)
+    assert [m["step"] for m in rows if "train/lr" in m] == list(range(1, 13))
+    assert len(set(wandb_run_ids(run_dir))) == 1
+    assert same_weights(final_weights(run_dir), final_weights(ddp_reference))
+    resumed = log.split("(start 2)")[1].split("resumed from")[1].split("step ")[1].split()[0]
+    first_step = next(m["time"] for m in rows if m["step"] == int(resumed) + 1)
+    print(f"dead node: killed after step {done} (or during the next), resumed from step {resumed}, "
+          f"{first_step - killed_at:.0f} s from the kill to the resumed first step")
 
 
 def test_the_script_refuses_a_missing_config_in_one_line(cluster, tmp_path):
