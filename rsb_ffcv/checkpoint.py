@@ -22,9 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import stops
 from .cli import RunFailure, first_line
 from .config import ConfigError
-from .files import atomic_path
+from .files import atomic_path, stale_temporaries
 
 # What older checkpoints of ours hold besides tensors and plain values: numpy's RNG state (a uint32 array). An
 # ndarray rebuilt by the restricted unpickler cannot run code.
@@ -32,11 +33,13 @@ _multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarra
 _LEGACY_GLOBALS = [np.ndarray, np.dtype, np.dtypes.UInt32DType, _multiarray._reconstruct]
 
 
-def save_atomic(state: dict, path: str | os.PathLike) -> Path:
-    """torch.save to a temporary name beside `path`, fsync, rename: a failed save (full disk, signal)
-    leaves the previous checkpoint intact."""
+def save_atomic(state: dict, path: str | os.PathLike, tear: bool = False) -> Path:
+    """torch.save to a temporary name beside `path`, fsync, rename: a failed save (full disk, signal, SIGKILL)
+    leaves the previous checkpoint intact. `tear`: the tests' hook, killed halfway through the write."""
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
+        if tear:
+            stops.tear(tmp)
     return Path(path)
 
 
@@ -178,9 +181,15 @@ class Checkpoints:
     Nothing non-finite is saved: `save` first agrees across ranks that the weights and this epoch's losses are
     finite (one small all-reduce per save), else raises LossNotFinite naming the last finite checkpoint."""
 
-    def __init__(self, run_dir: Path, d, cfg: dict, classes: list[str]):
+    def __init__(self, run_dir: Path, d, cfg: dict, classes: list[str], tear_at: int | None = None):
         self.run_dir, self.d, self.cfg, self.classes = Path(run_dir), d, cfg, classes
         self.last_finite: str | None = None  # "PATH (step N)": the last checkpoint known to be finite
+        self.tear_at = tear_at  # the tests' hook: the step whose save is killed halfway
+        if d.is_main:  # a save killed mid-write (SIGKILL, a lost node) left its temporary file
+            for name in ("last.pt", "best.pt"):
+                for left in stale_temporaries(self.run_dir / name):
+                    left.unlink()
+                    print(f"removed {left}: a checkpoint write that was killed before it finished", flush=True)
 
     def rank_state(self, recipe, epoch_loss: torch.Tensor) -> dict:
         """What differs between ranks: the random states (augmentation, Mixup), the BatchNorm statistics of the
@@ -221,7 +230,7 @@ class Checkpoints:
         if not self.d.is_main:
             return
         state = self.run_state(recipe, progress, rank_states, tracker.run_id)
-        save_atomic(state, last)
+        save_atomic(state, last, tear=progress.step == self.tear_at)
         if not end_of_epoch:
             return
         aliases = ["latest", f"epoch-{progress.epoch}"]

@@ -28,6 +28,12 @@ def atomic_path(path: str | os.PathLike):
             tmp.unlink()
 
 
+def stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """The temporary files of atomic_path(path) that writes killed before they finished left behind."""
+    path = Path(path)
+    return sorted(path.parent.glob(f".{path.stem}.tmp-*{path.suffix}"))
+
+
 def save_json(path: str | os.PathLike, obj) -> Path:
     """JSON, atomically."""
     with atomic_path(path) as tmp:

@@ -3,14 +3,15 @@ clock, and the step at which every rank agrees to act on them; plus the fault-in
 
 A signal only sets a flag on the rank that got it, and a rank's clock says when a timed checkpoint is due.
 `StepAgreement` turns those per-rank flags into one decision at one optimizer step for all ranks. The handlers
-are installed for the training only (`StopControl.signals()`) and the previous ones restored after it, so a
+are installed for the training only (`StopControl.running()`) and the previous ones restored after it, so a
 tool that trains and then does other work in the same process (make demo's report) gets its Ctrl-C back.
 
 Test hooks live in environment variables, not in the config: they are not part of the product's surface
 (`--help`, config.yaml, W&B). They fire only in a run that did not resume, or a resumed run would fault again:
 - RSB_FFCV_TEST_SIGNAL_AT='RANK:STEP[:TERM|KILL|STOP],...': that rank sends itself the signal after that global
   step (STOP: it freezes, as a rank in a hung collective or a stuck read would);
-- RSB_FFCV_TEST_NAN_AT_STEP=N: the loss of global step N (counted from 0, before the update) is made NaN.
+- RSB_FFCV_TEST_NAN_AT_STEP=N: the loss of global step N (counted from 0, before the update) is made NaN;
+- RSB_FFCV_TEST_TEAR_SAVE_AT=N: rank 0 is SIGKILLed halfway through writing the checkpoint of step N.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from .config import ConfigError
 
 SIGNAL_HOOK = "RSB_FFCV_TEST_SIGNAL_AT"
 NAN_HOOK = "RSB_FFCV_TEST_NAN_AT_STEP"
+TEAR_HOOK = "RSB_FFCV_TEST_TEAR_SAVE_AT"
 HOOK_SIGNALS = {"TERM": signal.SIGTERM, "KILL": signal.SIGKILL, "STOP": signal.SIGSTOP}
 
 
@@ -40,11 +42,21 @@ def parse_signal_hook(spec: str) -> dict[tuple[int, int], int]:
     return out
 
 
-def nan_hook_step() -> int | None:
-    value = os.environ.get(NAN_HOOK, "")
+def hook_step(name: str) -> int | None:
+    """The step number in the hook variable `name` (NAN_HOOK, TEAR_HOOK), or None."""
+    value = os.environ.get(name, "")
     if value and not value.isdigit():
-        raise ConfigError(f"{NAN_HOOK}='{value}': expected a step number")
+        raise ConfigError(f"{name}='{value}': expected a step number")
     return int(value) if value else None
+
+
+def tear(path) -> None:
+    """The tear hook: cut the file being written to half its length and SIGKILL this process, as a kill in the
+    middle of the write would leave it."""
+    with open(path, "r+b") as f:
+        f.truncate(os.fstat(f.fileno()).st_size // 2)
+        os.fsync(f.fileno())
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def poison_loss(loss_fn, at_step: int, step):
@@ -127,11 +139,17 @@ class StopControl:
               flush=True)
 
     @contextlib.contextmanager
-    def signals(self):
-        """SIGTERM and SIGINT request a stop while inside; the previous handlers come back on the way out."""
+    def running(self):
+        """While inside, SIGTERM and SIGINT request a stop. On the way out the previous handlers come back and the
+        agreement's last all-reduce is waited for, or left on an error (it may wait on a rank that stopped)."""
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             yield self
+        except BaseException:
+            self.close(wait=False)
+            raise
+        else:
+            self.close()
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)

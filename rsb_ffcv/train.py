@@ -46,12 +46,13 @@ class Trainer:
                                        d.timeout)
         self.data = loaders.build_data(cfg, d)
         self.progress = checkpoint.Progress()
-        nan_at = None if resume else stops.nan_hook_step()  # test hooks fire in a fresh run only
+        nan_at = None if resume else stops.hook_step(stops.NAN_HOOK)  # test hooks fire in a fresh run only
         hook = None if nan_at is None else (lambda fn: stops.poison_loss(fn, nan_at, lambda: self.progress.step))
         self.recipe = build_recipe(cfg, d, len(self.data.classes), self.data.steps_per_epoch, self.data.accum, hook)
         if d.is_main:
             checkpoint.check_free_space(self.run_dir, self.recipe.checkpoint_bytes())
-        self.checkpoints = checkpoint.Checkpoints(self.run_dir, d, cfg, self.data.classes)
+        self.checkpoints = checkpoint.Checkpoints(self.run_dir, d, cfg, self.data.classes,
+                                                  tear_at=None if resume else stops.hook_step(stops.TEAR_HOOK))
         self.epoch_loss = torch.zeros((), device=d.device)  # this rank's sum of step losses in this epoch
         wandb_id = None
         if resume is not None:
@@ -85,18 +86,13 @@ class Trainer:
                  f"per-device batch {data.micro_batch} x {data.accum} accumulation, {data.steps_per_epoch} "
                  f"steps/epoch, {self.recipe.total_epochs} epochs")
         top1, stopped = None, False
-        try:
-            while p.epoch < self.recipe.total_epochs and not stopped:
-                stats = self.train_epoch()
-                stopped = stats is None
-                if stopped:  # BatchNorm statistics as they are: rank 0's go on (DDP broadcasts them)
-                    self.save(end_of_epoch=False)
-                else:
-                    top1 = self.end_epoch(stats)
-        except BaseException:
-            self.stops.close(wait=False)  # (a failing rank does not wait for the others' last agreement)
-            raise
-        self.stops.close()
+        while p.epoch < self.recipe.total_epochs and not stopped:
+            stats = self.train_epoch()
+            stopped = stats is None
+            if stopped:  # BatchNorm statistics as they are: rank 0's go on (DDP broadcasts them)
+                self.save(end_of_epoch=False)
+            else:
+                top1 = self.end_epoch(stats)
         if self.d.is_main:
             report(self.run_dir, self.tracker, self.log)
         if stopped:
@@ -196,7 +192,7 @@ def train(argv=None) -> int:
         print_config(cfg)
     trainer = Trainer(cfg, d)
     try:
-        with trainer.stops.signals():  # SIGTERM/SIGINT: all ranks stop at one step and save; restored after
+        with trainer.stops.running():  # SIGTERM/SIGINT: all ranks stop at one step and save; restored after
             trainer.fit()
     except BaseException as e:
         trainer.tracker.finish(1)

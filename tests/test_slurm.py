@@ -1,7 +1,8 @@
 """scripts/slurm/rsb.sbatch on a real two-node Slurm cluster started by the test (tests/slurm_cluster.py): the
 2-node run equals a 1-node torchrun run; a job whose rank froze or whose node died ends, is requeued and resumes
-into the uninterrupted run's weights (issue 26); and a 2 x 2-process job signalled before its time limit saves, is requeued and
-resumes into the same weights and W&B run (issue 18). gloo on the CPU, the demo betons, a few steps."""
+into the uninterrupted run's weights (issue 26); and a 2 x 2-process job signalled before its time limit saves,
+is requeued and resumes into the same weights and W&B run (issue 18). gloo on the CPU, the demo betons, a few
+steps."""
 import os
 import subprocess
 import sys
