@@ -122,6 +122,16 @@ def val_decoder(kind: str, resolution: int, crop_ratio: float, interpolation: st
     return CenterCropRGBImageDecoder((resolution, resolution), ratio=crop_ratio)
 
 
+def _open_once(path: str) -> tuple[str, object]:
+    """The beton opened once, as a name for FFCV and the file that must live as long as the loader. FFCV reads a
+    beton by its name more than once: the index when the loader is built, the data when an epoch first starts (a
+    memory map; without os_cache, an open per epoch). A beton replaced in between (write_datasets.py
+    --writer.overwrite renames a new file over it) would be read with the old file's index. Through this
+    process's descriptor (/proc/self/fd/N) every read is of the file that was opened."""
+    f = open(path, "rb")
+    return f"/proc/self/fd/{f.fileno()}", f
+
+
 def train_loader(path: str, batch_size: int, resolution: int, device: torch.device, *, num_workers: int,
                  seed: int, repeats: int, rank: int, world: int, batches_ahead: int, window_pages: int = 0,
                  accum: int = 1, decoder: str = "fast", interpolation: str = "bicubic", region_decode: bool = True):
@@ -129,9 +139,11 @@ def train_loader(path: str, batch_size: int, resolution: int, device: torch.devi
     reads it in the page-local order (`orders`, for betons larger than RAM: see memory.plan_reads)."""
     stages = train_decoder(decoder, resolution, interpolation, region_decode)
     image = [*stages, ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(channels_last=True)]
-    loader = Loader(path, batch_size=batch_size, num_workers=num_workers, order=OrderOption.RANDOM,
+    name, beton = _open_once(path)
+    loader = Loader(name, batch_size=batch_size, num_workers=num_workers, order=OrderOption.RANDOM,
                     os_cache=True, drop_last=True, seed=seed, batches_ahead=batches_ahead,
                     pipelines={"image": image, "label": _label_pipeline(device)})
+    loader.beton_file = beton
     # FFCV 1.0.2 takes no custom order class in the constructor: install ours, then refresh the
     # first order, from which len(loader) is computed.
     pages = record_pages(loader.reader) if window_pages > 0 else None
@@ -158,14 +170,17 @@ def val_loader(path: str, batch_size: int, resolution: int, crop_ratio: float, d
     """Sequential, every record once across ranks: rank r reads records r, r+world, ... (no padding), or
     only the given record `indices`, in that order."""
     from ffcv.reader import Reader
-    n = Reader(path).num_samples
+    name, beton = _open_once(path)
+    n = Reader(name).num_samples
     indices = np.arange(rank, n, world) if indices is None else np.asarray(indices)
     image = [val_decoder(decoder, resolution, crop_ratio, interpolation), ToTensor(),
              ToDevice(device, non_blocking=True), ToTorchImage(channels_last=True)]
-    return Loader(path, batch_size=batch_size, num_workers=num_workers, order=OrderOption.SEQUENTIAL,
-                  os_cache=os_cache, drop_last=False, indices=indices.astype(np.uint64),
-                  batches_ahead=batches_ahead,
-                  pipelines={"image": image, "label": _label_pipeline(device)})
+    loader = Loader(name, batch_size=batch_size, num_workers=num_workers, order=OrderOption.SEQUENTIAL,
+                    os_cache=os_cache, drop_last=False, indices=indices.astype(np.uint64),
+                    batches_ahead=batches_ahead,
+                    pipelines={"image": image, "label": _label_pipeline(device)})
+    loader.beton_file = beton
+    return loader
 
 
 def progressive_resolution(epoch: int, start: int, end: int, start_epoch: int, end_epoch: int, default: int) -> int:

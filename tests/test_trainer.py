@@ -384,3 +384,24 @@ def test_a_checkpoint_holds_the_best_top1_including_its_own_epoch(demo_betons, t
     assert torch.load(tmp_path / "best" / "last.pt", weights_only=True)["best_top1"] == 42.0
     assert (tmp_path / "best" / "best.pt").stat().st_mtime_ns == best
     t.tracker.finish()
+
+
+def test_a_beton_replaced_while_the_run_reads_it_does_not_change_the_run(demo_betons, tmp_path):
+    """write_datasets.py --writer.overwrite=true renames a new beton over the one a run has open (here: other
+    images, half as many, between building the trainer and its first epoch). The run reads the file it opened:
+    the same weights as a run on the untouched betons (FFCV maps a beton by its name only when an epoch first
+    starts, and the val loader's first epoch comes an epoch later)."""
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(demo_betons, data, ignore=shutil.ignore_patterns("images"))
+    common = ["--data.in_memory=true", "--logging.wandb_mode=disabled"]
+    reference = build(tiny_args(demo_betons, tmp_path / "reference", *common))
+    reference.fit()
+    t = build(tiny_args(data, tmp_path / "replaced", *common))
+    run_cli("write_datasets.py", f"--demo.out_dir={data}", "--demo.train_per_class=12", "--demo.val_per_class=3",
+            "--writer.max_resolution=96", "--writer.overwrite=true")
+    assert (data / "train.beton").stat().st_size < (demo_betons / "train.beton").stat().st_size
+    t.fit()
+    assert [m["val/images"] for m in metrics(tmp_path / "replaced") if "val/images" in m] == [60, 60]
+    a, b = reference.recipe.model.state_dict(), t.recipe.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
