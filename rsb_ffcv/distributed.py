@@ -28,7 +28,7 @@ class Dist:
     local_world: int
     device: torch.device
     cpu_group: object = None  # a gloo group of all ranks, for Python objects (world > 1)
-    timeout: timedelta = timedelta(minutes=5)  # of every collective: a rank that stops answering ends the run
+    timeout: timedelta | None = None  # of every collective: a rank that stops answering ends the run
 
     @property
     def is_main(self) -> bool:
@@ -61,6 +61,9 @@ class Dist:
 def init(device_choice: str = "auto", key: str = "training.device", timeout_min: float = 5.0) -> Dist:
     """`key` names the option that chose the device, for the error message. `timeout_min`: how long a collective
     waits for the other ranks (NCCL's watchdog and gloo fail it after that), for every group made here."""
+    if timeout_min <= 0:
+        raise ConfigError(f"training.dist_timeout_min={timeout_min:g}: must be more than 0 (minutes a collective "
+                          f"waits for the other ranks)")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

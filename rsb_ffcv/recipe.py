@@ -119,7 +119,6 @@ class Recipe:
     clip_grad: float
     rebuild_buckets: bool = False  # set on resume: the first step settles DDP's buckets first
 
-
     def set_lr(self, epoch: int, step: int) -> None:
         """The rate at the start of `epoch` (step_unit=epoch, timm 2021) or of update `step` (update)."""
         if self.step_unit == "epoch":

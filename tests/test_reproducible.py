@@ -10,8 +10,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import (ROOT, ddp_args, digests, epoch_losses, final_weights, metrics, same_weights, step_lrs,
-                      tiny_args, torchrun, wandb_run_ids, child_env)
+from conftest import (
+    ROOT,
+    child_env,
+    ddp_args,
+    digests,
+    epoch_losses,
+    final_weights,
+    metrics,
+    same_weights,
+    step_lrs,
+    tiny_args,
+    torchrun,
+    wandb_run_ids,
+)
 
 from rsb_ffcv import distributed, loaders, stops, train
 from rsb_ffcv.config import ConfigError, load_config
@@ -129,6 +141,11 @@ def test_a_frozen_rank_ends_the_run_which_restarts_from_the_last_checkpoint(ddp_
     assert [m["step"] for m in metrics(run_dir) if "train/lr" in m] == list(range(1, 13))
     assert step_lrs(run_dir) == step_lrs(ddp_reference) and digests(run_dir) == digests(ddp_reference)
     assert same_weights(final_weights(run_dir), final_weights(ddp_reference))
+
+
+def test_a_timeout_of_zero_is_refused():
+    with pytest.raises(ConfigError, match=r"training.dist_timeout_min=0: must be more than 0"):
+        distributed.init("cpu", timeout_min=0)
 
 
 def test_signal_hook_spec():

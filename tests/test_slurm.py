@@ -10,8 +10,18 @@ import time
 
 import pytest
 import slurm_cluster
-from conftest import (ROOT, ddp4_args, ddp_args, digests, final_weights, metrics, same_weights, step_losses,
-                      step_lrs, wandb_run_ids)
+from conftest import (
+    ROOT,
+    ddp4_args,
+    ddp_args,
+    digests,
+    final_weights,
+    metrics,
+    same_weights,
+    step_losses,
+    step_lrs,
+    wandb_run_ids,
+)
 
 from rsb_ffcv import stops
 

@@ -386,6 +386,7 @@ def test_a_checkpoint_holds_the_best_top1_including_its_own_epoch(demo_betons, t
     t.tracker.finish()
 
 
+@pytest.mark.slow
 def test_a_beton_replaced_while_the_run_reads_it_does_not_change_the_run(demo_betons, tmp_path):
     """write_datasets.py --writer.overwrite=true renames a new beton over the one a run has open (here: other
     images, half as many, between building the trainer and its first epoch). The run reads the file it opened:
