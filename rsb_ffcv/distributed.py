@@ -6,7 +6,7 @@ rank 0 only); the node-local LOCAL_RANK / LOCAL_WORLD_SIZE decide what it takes 
 share of the CPU cores). torchrun sets all four, on one node or several (scripts/slurm/rsb.sbatch)."""
 from __future__ import annotations
 
-import contextlib
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -15,7 +15,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .cli import RunFailure
+from .cli import RunFailure, first_line
 from .config import ConfigError
 from .datasets.images import available_cpus
 
@@ -28,7 +28,8 @@ class Dist:
     local_world: int
     device: torch.device
     cpu_group: object = None  # a gloo group of all ranks, for Python objects (world > 1)
-    timeout: timedelta | None = None  # of every collective: a rank that stops answering ends the run
+    timeout: timedelta | None = None  # of every collective (None: PyTorch's); a rank that stops answering ends the run
+    store: object = None  # torchrun's key-value store, this attempt's keys (world > 1)
 
     @property
     def is_main(self) -> bool:
@@ -58,10 +59,11 @@ class Dist:
         return t.tolist()
 
 
-def init(device_choice: str = "auto", key: str = "training.device", timeout_min: float = 5.0) -> Dist:
+def init(device_choice: str = "auto", key: str = "training.device", timeout_min: float | None = None) -> Dist:
     """`key` names the option that chose the device, for the error message. `timeout_min`: how long a collective
-    waits for the other ranks (NCCL's watchdog and gloo fail it after that), for every group made here."""
-    if timeout_min <= 0:
+    waits for the other ranks (NCCL's watchdog and gloo fail it after that), for every group made here (None:
+    PyTorch's defaults, 10 min NCCL, 30 min gloo)."""
+    if timeout_min is not None and not (math.isfinite(timeout_min) and timeout_min > 0):
         raise ConfigError(f"training.dist_timeout_min={timeout_min:g}: must be more than 0 (minutes a collective "
                           f"waits for the other ranks)")
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -79,13 +81,14 @@ def init(device_choice: str = "auto", key: str = "training.device", timeout_min:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    cpu_group, timeout = None, timedelta(minutes=timeout_min)
+    cpu_group, store, timeout = None, None, None if timeout_min is None else timedelta(minutes=timeout_min)
     if world > 1:
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if use_cuda else "gloo", store=_attempt_store(), rank=rank, world_size=world,
+            store = _attempt_store()
+            dist.init_process_group("nccl" if use_cuda else "gloo", store=store, rank=rank, world_size=world,
                                     timeout=timeout)
         cpu_group = dist.new_group(backend="gloo", timeout=timeout)
-    return Dist(rank, world, local_rank, local_world, device, cpu_group, timeout)
+    return Dist(rank, world, local_rank, local_world, device, cpu_group, timeout, store)
 
 
 def _attempt_store() -> dist.Store:
@@ -97,46 +100,55 @@ def _attempt_store() -> dist.Store:
     return dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
-LOST_PEER = ("Timed out", "Connection closed by peer", "Connection reset by peer", "Broken pipe")
+TIMED_OUT = ("Timed out", "timed out", "Watchdog caught collective operation timeout")
+CONNECTION_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
 
 
-def lost_peer(e: BaseException) -> bool:
-    """A collective that waited `Dist.timeout` for another rank, or whose connection to it broke (gloo raises
-    RuntimeError with one of LOST_PEER's messages; NCCL's watchdog DistBackendError)."""
-    return isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and any(m in str(e) for m in LOST_PEER))
+def lost_rank_reason(e: BaseException) -> str | None:
+    """'timeout' when a collective waited `Dist.timeout` for another rank, 'connection' when its connection to one
+    broke (gloo raises RuntimeError with these messages; NCCL DistBackendError), else None."""
+    if not isinstance(e, RuntimeError):  # (torch.distributed.DistError is one)
+        return None
+    text = str(e)
+    if any(m in text for m in CONNECTION_LOST) or isinstance(e, dist.DistNetworkError):
+        return "connection"
+    return "timeout" if any(m in text for m in TIMED_OUT) else None
 
 
 def silent_ranks(d: Dist, wait_s: float) -> list[int] | None:
-    """After a lost collective: on rank 0, the ranks that do not check in within `wait_s` (each rank still alive
-    gets here after its own failure); None on the other ranks, which only check in."""
-    wait = timedelta(seconds=wait_s)
-    if not d.is_main:
-        with contextlib.suppress(RuntimeError):
-            dist.isend(torch.zeros(1), dst=0, group=d.cpu_group).wait(wait)
+    """After a lost collective: the ranks that do not check in within `wait_s` through torchrun's store (every rank
+    still alive checks in after its own failure, and looks for the others); None when the store cannot tell (the
+    node that held it is gone)."""
+    if d.store is None:
         return None
-    deadline, silent = time.monotonic() + wait_s, []
-    for r in range(1, d.world):
-        try:
-            left = timedelta(seconds=max(0.1, deadline - time.monotonic()))
-            dist.irecv(torch.zeros(1), src=r, group=d.cpu_group).wait(left)
-        except RuntimeError:
-            silent.append(r)
-    return silent
+    try:
+        d.store.set_timeout(timedelta(seconds=wait_s))
+        d.store.set(f"rsb_alive/{d.rank}", "1")
+        missing, deadline = list(range(d.world)), time.monotonic() + wait_s
+        while True:
+            missing = [r for r in missing if not d.store.check([f"rsb_alive/{r}"])]
+            if not missing or time.monotonic() > deadline:
+                return missing
+            time.sleep(0.2)
+    except RuntimeError:  # (DistStoreError, a broken connection)
+        return None
 
 
 def explain_lost_rank(d: Dist, e: BaseException) -> BaseException:
-    """`e` as the run's one-line failure when a collective lost a rank (which ranks stopped answering, when rank 0
-    can tell), else `e` itself. Exit 1 lets torchrun --max-restarts or rsb.sbatch resume the run."""
-    if d.world == 1 or not lost_peer(e):
+    """`e` as the run's one-line failure when a collective lost a rank (which ranks stopped answering, when the
+    store can tell), else `e` itself. Every rank still alive says it (torchrun may stop rank 0 first). Exit 1
+    lets torchrun --max-restarts or rsb.sbatch resume the run from its last checkpoint."""
+    reason = lost_rank_reason(e) if d.world > 1 else None
+    if reason is None:
         return e
-    limit = f"training.dist_timeout_min={d.timeout.total_seconds() / 60:g}"
-    silent = silent_ranks(d, min(10.0, d.timeout.total_seconds()))
+    limit = (f"training.dist_timeout_min={d.timeout.total_seconds() / 60:g}" if d.timeout is not None else
+             "the process group's timeout")
+    silent = silent_ranks(d, min(10.0, d.timeout.total_seconds() / 2 if d.timeout is not None else 10.0))
     who = ("" if silent is None else f": rank(s) {', '.join(map(str, silent))} stopped answering" if silent else
            ": every rank answered a check after it")
-    reason = ("lost its connection to another rank" if any(m in str(e) for m in LOST_PEER[1:]) else
-              f"got no answer within {limit}")
-    return RunFailure(f"a collective {reason}{who}; exiting so that torchrun --max-restarts or "
-                      f"scripts/slurm/rsb.sbatch resumes the run from last.pt")
+    what = "lost its connection to another rank" if reason == "connection" else f"got no answer within {limit}"
+    return RunFailure(f"a collective {what}{who}; exiting so that torchrun --max-restarts or "
+                      f"scripts/slurm/rsb.sbatch resumes the run from its last checkpoint ({first_line(e)[-160:]})")
 
 
 def cores_per_process(local_world: int) -> int:

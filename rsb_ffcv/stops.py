@@ -8,8 +8,9 @@ tool that trains and then does other work in the same process (make demo's repor
 
 Test hooks live in environment variables, not in the config: they are not part of the product's surface
 (`--help`, config.yaml, W&B). They fire only in a run that did not resume, or a resumed run would fault again:
-- RSB_FFCV_TEST_SIGNAL_AT='RANK:STEP[:TERM|KILL|STOP],...': that rank sends itself the signal after that global
-  step (STOP: it freezes, as a rank in a hung collective or a stuck read would);
+- RSB_FFCV_TEST_SIGNAL_AT='RANK:STEP[:TERM|KILL|STOP][@ATTEMPT],...': that rank sends itself the signal after
+  that global step (STOP: it freezes, as a rank in a hung collective or a stuck read would); with @ATTEMPT, in
+  that torchrun restart attempt instead (resumed or not), for faults one after another;
 - RSB_FFCV_TEST_NAN_AT_STEP=N: the loss of global step N (counted from 0, before the update) is made NaN;
 - RSB_FFCV_TEST_TEAR_SAVE_AT=N: rank 0 is SIGKILLed halfway through writing the checkpoint of step N.
 """
@@ -31,14 +32,18 @@ TEAR_HOOK = "RSB_FFCV_TEST_TEAR_SAVE_AT"
 HOOK_SIGNALS = {"TERM": signal.SIGTERM, "KILL": signal.SIGKILL, "STOP": signal.SIGSTOP}
 
 
-def parse_signal_hook(spec: str) -> dict[tuple[int, int], int]:
-    """'RANK:STEP[:TERM|KILL|STOP],...' → {(rank, step): signal number}."""
+def parse_signal_hook(spec: str, attempt: int, resumed: bool) -> dict[tuple[int, int], int]:
+    """'RANK:STEP[:TERM|KILL|STOP][@ATTEMPT],...' → {(rank, step): signal number} of the items that fire in this
+    start: an item with @ATTEMPT in that torchrun restart attempt (TORCHELASTIC_RESTART_COUNT), one without in a
+    run that did not resume."""
     out = {}
     for item in (i.strip() for i in spec.split(",") if i.strip()):
+        item, at = item.split("@", 1) if "@" in item else (item, "")
         rank, step, name = (item.split(":") + ["TERM"])[:3] if item.count(":") in (1, 2) else ("", "", "")
-        if not (rank.isdigit() and step.isdigit() and name in HOOK_SIGNALS):
-            raise ConfigError(f"{SIGNAL_HOOK}='{spec}': expected RANK:STEP[:TERM|KILL|STOP][,...]")
-        out[int(rank), int(step)] = HOOK_SIGNALS[name]
+        if not (rank.isdigit() and step.isdigit() and name in HOOK_SIGNALS and (at == "" or at.isdigit())):
+            raise ConfigError(f"{SIGNAL_HOOK}='{spec}': expected RANK:STEP[:TERM|KILL|STOP][@ATTEMPT][,...]")
+        if (at == "" and not resumed) or (at != "" and int(at) == attempt):
+            out[int(rank), int(step)] = HOOK_SIGNALS[name]
     return out
 
 
@@ -114,7 +119,8 @@ class StopControl:
         self.every_s = 60 * checkpoint_every_min
         self.last_save = time.monotonic()
         self.agreement = StepAgreement(world, timeout)
-        self.hook_signals = {} if resumed else parse_signal_hook(os.environ.get(SIGNAL_HOOK, ""))
+        self.hook_signals = parse_signal_hook(os.environ.get(SIGNAL_HOOK, ""),
+                                              int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")), resumed)
 
     def poll(self, step: int) -> tuple[bool, bool]:
         """After optimizer step `step`: (stop, save) as all ranks agree on them at this step."""

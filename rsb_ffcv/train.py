@@ -49,10 +49,10 @@ class Trainer:
         nan_at = None if resume else stops.hook_step(stops.NAN_HOOK)  # test hooks fire in a fresh run only
         hook = None if nan_at is None else (lambda fn: stops.poison_loss(fn, nan_at, lambda: self.progress.step))
         self.recipe = build_recipe(cfg, d, len(self.data.classes), self.data.steps_per_epoch, self.data.accum, hook)
-        if d.is_main:
-            checkpoint.check_free_space(self.run_dir, self.recipe.checkpoint_bytes())
         self.checkpoints = checkpoint.Checkpoints(self.run_dir, d, cfg, self.data.classes,
                                                   tear_at=None if resume else stops.hook_step(stops.TEAR_HOOK))
+        if d.is_main:  # (after Checkpoints removed what killed writes left)
+            checkpoint.check_free_space(self.run_dir, self.recipe.checkpoint_bytes())
         self.epoch_loss = torch.zeros((), device=d.device)  # this rank's sum of step losses in this epoch
         wandb_id = None
         if resume is not None:
@@ -195,8 +195,11 @@ def train(argv=None) -> int:
         with trainer.stops.running():  # SIGTERM/SIGINT: all ranks stop at one step and save; restored after
             trainer.fit()
     except BaseException as e:
+        failure = distributed.explain_lost_rank(d, e)  # (first: the other ranks wait for its check only so long)
         trainer.tracker.finish(1)
-        raise distributed.explain_lost_rank(d, e)
+        if failure is e:
+            raise
+        raise failure from e
     trainer.tracker.finish(0)
     return 0
 

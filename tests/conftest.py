@@ -120,10 +120,11 @@ def ddp_reference(demo_betons, tmp_path_factory):
 
 
 def ddp4_args(demo, run_dir, *extra):
-    """ddp_args for 4 processes, as a 4-GPU node runs the recipe: repeated augmentation, 4 images per device,
-    one compute thread per process (float sums depend on the thread count)."""
-    return ddp_args(demo, run_dir, "--training.repeated_aug=2", "--training.max_device_batch=4",
-                    "--training.cpu_threads=1", *extra)
+    """ddp_args for 4 processes, as a 4-GPU node runs the recipe: repeated augmentation, 2 micro-batches of 2
+    images per step and device (accumulation), stochastic depth, one compute thread per process (float sums depend
+    on the thread count)."""
+    return ddp_args(demo, run_dir, "--training.repeated_aug=2", "--training.max_device_batch=2",
+                    "--model.drop_path=0.1", "--training.cpu_threads=1", *extra)
 
 
 @pytest.fixture(scope="session")

@@ -111,33 +111,22 @@ def test_a_run_requeued_before_its_first_checkpoint_keeps_its_wandb_run(demo_bet
 
 
 @pytest.mark.slow
-def test_a_killed_worker_restarts_the_group_from_the_last_checkpoint(ddp_reference, demo_betons, tmp_path):
-    """torchrun --max-restarts=1, checkpoints due at every step, rank 1 SIGKILLed after step 5: torchrun stops
-    rank 0, starts both again, they resume from the last checkpoint (step 4: the ranks agree one step after it
-    is due), and the run ends with the learning rates, orders and weights of the uninterrupted 2-process run."""
+def test_a_killed_then_a_frozen_rank_restart_the_group_from_the_last_checkpoint(ddp_reference, demo_betons, tmp_path):
+    """torchrun --max-restarts=2, checkpoints due at every step. Attempt 0: rank 1 is SIGKILLed after step 5;
+    torchrun stops rank 0 and starts both again, and they resume from the last checkpoint (step 4: the ranks agree
+    one step after it is due). Attempt 1: rank 1 freezes (SIGSTOP) after step 8, as in a hung collective or a stuck
+    read, with no signal to anyone: rank 0 fails after training.dist_timeout_min with one line naming rank 1,
+    torchrun kills the frozen process and starts both again, and they resume from step 7 (the save of step 8 was
+    the collective that hung). The run ends with the learning rates, orders and weights of the uninterrupted run."""
     run_dir = tmp_path / "elastic"
-    p = torchrun("--max-restarts=1", "-m", "rsb_ffcv.train",
-                 *ddp_args(demo_betons, run_dir, "--training.checkpoint_every_min=1e-9", "--training.resume=auto"),
-                 timeout=600, env_extra={stops.SIGNAL_HOOK: "1:5:KILL"})
-    assert "resumed from" in p.stdout and "step 4" in p.stdout.split("resumed from")[1].splitlines()[0]
-    assert step_lrs(run_dir) == step_lrs(ddp_reference) and digests(run_dir) == digests(ddp_reference)
-    assert same_weights(final_weights(run_dir), final_weights(ddp_reference))
-
-
-@pytest.mark.slow
-def test_a_frozen_rank_ends_the_run_which_restarts_from_the_last_checkpoint(ddp_reference, demo_betons, tmp_path):
-    """Rank 1 freezes (SIGSTOP) after step 5, as in a hung collective or a stuck read, with no signal to anyone:
-    rank 0 fails after training.dist_timeout_min with one line naming rank 1, torchrun --max-restarts=1 kills the
-    frozen process and starts both again, they resume from the last timed checkpoint, and the run ends with the
-    steps, orders and weights of the uninterrupted 2-process run."""
-    run_dir = tmp_path / "frozen"
-    p = torchrun("--max-restarts=1", "-m", "rsb_ffcv.train",
+    p = torchrun("--max-restarts=2", "-m", "rsb_ffcv.train",
                  *ddp_args(demo_betons, run_dir, "--training.checkpoint_every_min=1e-9", "--training.resume=auto",
                            "--training.dist_timeout_min=0.2"),
-                 timeout=600, env_extra={stops.SIGNAL_HOOK: "1:5:STOP"})
+                 timeout=600, env_extra={stops.SIGNAL_HOOK: "1:5:KILL@0,1:8:STOP@1"})
+    resumed = [line for line in p.stdout.splitlines() if line.startswith("resumed from")]
+    assert [line.rsplit(" ", 1)[-1] for line in resumed] == ["4", "7"], p.stdout[-3000:]
     assert ("error: a collective got no answer within training.dist_timeout_min=0.2: rank(s) 1 stopped answering; "
             "exiting so that torchrun --max-restarts") in p.stderr, p.stderr[-3000:]
-    assert "resumed from" in p.stdout and "step 4" in p.stdout.split("resumed from")[1].splitlines()[0]
     assert [m["step"] for m in metrics(run_dir) if "train/lr" in m] == list(range(1, 13))
     assert step_lrs(run_dir) == step_lrs(ddp_reference) and digests(run_dir) == digests(ddp_reference)
     assert same_weights(final_weights(run_dir), final_weights(ddp_reference))
@@ -149,10 +138,12 @@ def test_a_timeout_of_zero_is_refused():
 
 
 def test_signal_hook_spec():
-    assert stops.parse_signal_hook("0:3, 1:4:KILL, 2:5:STOP") == {(0, 3): 15, (1, 4): 9, (2, 5): 19}
-    for bad in ("x", "0:3:HUP", "0", "1:2:3:4"):
+    assert stops.parse_signal_hook("0:3, 1:4:KILL, 2:5:STOP", 0, False) == {(0, 3): 15, (1, 4): 9, (2, 5): 19}
+    assert stops.parse_signal_hook("0:3, 1:4:KILL@0, 1:8:STOP@1", 1, True) == {(1, 8): 19}  # a resumed attempt 1
+    assert stops.parse_signal_hook("0:3, 1:4:KILL@0, 1:8:STOP@1", 0, False) == {(0, 3): 15, (1, 4): 9}
+    for bad in ("x", "0:3:HUP", "0", "1:2:3:4", "1:2@x"):
         with pytest.raises(ConfigError, match=f"{stops.SIGNAL_HOOK}='{bad}': expected RANK:STEP"):
-            stops.parse_signal_hook(bad)
+            stops.parse_signal_hook(bad, 0, False)
 
 
 def test_the_local_rank_picks_the_device_and_the_global_rank_the_data(monkeypatch):
