@@ -4,6 +4,7 @@ import argparse
 import http.server
 import json
 import pickle
+import re
 import shutil
 import socket
 import threading
@@ -32,9 +33,16 @@ class RunsCode:
         return open, (self.path, "w")
 
 
+# What the garbage collector prints when a finalizer of an earlier test's object raises while this test runs:
+# numba 0.68's dispatcher finalizer sometimes raises KeyError from its overloads dict (seen once in 3 full
+# suites, from a crop decoder's dispatcher). Not the tool's output.
+FINALIZER_NOISE = re.compile(r"Exception ignored in: <finalize object[^\n]*\nTraceback \(most recent call last\):\n"
+                             r"(?:  .*\n)*\w*(?:Error|Exception)[^\n]*\n")
+
+
 def expect_error(rc, capsys, code=2):
     """Exit code `code` and one `error:` line, the last of stderr (progress bars may come before it)."""
-    err = capsys.readouterr().err
+    err = FINALIZER_NOISE.sub("", capsys.readouterr().err)
     lines = err.replace("\r", "\n").strip().splitlines()
     assert rc == code and lines[-1].startswith("error: ") and err.count("error:") == 1, (rc, err[-800:])
     assert "Traceback" not in err
