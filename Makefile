@@ -39,7 +39,7 @@ test-deps:
 demo: install
 	$(PY) -m rsb_ffcv.demo
 
-# Everything (about 20 minutes on 2 cores: 20 min 7 s measured on 2026-12-03, see the README); test-fast leaves
+# Everything (about 26 minutes on 2 cores: 25 min 42 s measured on 2026-12-03, see the README); test-fast leaves
 # out the tests marked slow (multi-process, cgroup, report and end-to-end runs) for everyday edits.
 test: install test-deps
 	$(PY) -m pytest -q --durations=25 tests
