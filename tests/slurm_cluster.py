@@ -153,6 +153,14 @@ class Cluster:
         rows = self.run("sinfo", "-h", "-N", "-o", "%N %T", check=False).stdout.splitlines()
         return [r.split()[0] for r in rows if len(r.split()) == 2 and r.split()[1].startswith("down")]
 
+    def wait_down(self, node: str, timeout: float = 120) -> None:
+        """Until slurmctld has set `node` DOWN (it stopped answering for SlurmdTimeout)."""
+        deadline = time.monotonic() + timeout
+        while node not in self.down_nodes():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{node} not down after {timeout} s\n{self.run('sinfo', '-N').stdout}{self.logs()}")
+            time.sleep(0.5)
+
     def restart_node(self, node: str) -> None:
         """Start the node's slurmd again, as a node that rebooted would."""
         (self.root / f"slurmd-{node}.pid").unlink(missing_ok=True)
