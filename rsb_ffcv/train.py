@@ -80,7 +80,8 @@ class Trainer:
 
     def fit(self) -> float | None:
         """Train to the last epoch; the final val top-1, or None when the ranks stopped on a signal (last.pt
-        holds the step they stopped at)."""
+        holds the step they stopped at). Several processes call it inside `stops.running()`, which ends the
+        stop agreement."""
         p, data = self.progress, self.data
         self.log(f"{self.d.world} process(es) on {self.d.device}, precision {self.recipe.precision.name}, "
                  f"per-device batch {data.micro_batch} x {data.accum} accumulation, {data.steps_per_epoch} "
