@@ -9,12 +9,17 @@ import os
 from pathlib import Path
 
 
+def _temporary(path: Path, pid: str) -> Path:
+    """atomic_path's temporary name for `path` written by process `pid` ('*': any process)."""
+    return path.with_name(f".{path.stem}.tmp-{pid}{path.suffix}")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yields a temporary path to write; on success it becomes `path`. The suffix is kept (matplotlib and
     PIL choose the format from it)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    tmp = _temporary(path, str(os.getpid()))
     try:
         yield tmp
         fd = os.open(tmp, os.O_RDONLY)
@@ -31,7 +36,7 @@ def atomic_path(path: str | os.PathLike):
 def stale_temporaries(path: str | os.PathLike) -> list[Path]:
     """The temporary files of atomic_path(path) that writes killed before they finished left behind."""
     path = Path(path)
-    return sorted(path.parent.glob(f".{path.stem}.tmp-*{path.suffix}"))
+    return sorted(path.parent.glob(_temporary(path, "*").name))
 
 
 def save_json(path: str | os.PathLike, obj) -> Path:
