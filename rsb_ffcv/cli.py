@@ -13,6 +13,7 @@ import os
 import sys
 import traceback
 
+from . import startup
 from .config import ConfigError
 
 
@@ -59,6 +60,7 @@ def _runtime_message(e: BaseException) -> str | None:
 def run(main, argv=None, cleanup=None) -> int:
     """Call main(argv) under the contract; `cleanup()` runs last whatever happened (e.g. leave torchrun's
     process group)."""
+    startup.collect_nothing_at_exit()
     try:
         return main(argv) or 0
     except ConfigError as e:

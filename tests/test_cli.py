@@ -278,3 +278,16 @@ def test_the_readme_figures_are_the_measured_json():
     for name in ("loader", "augment", "train", "writer", "demo", "memory", "scale"):
         data = json.loads((ROOT / "results" / f"{name}.json").read_text())
         assert data["machine"]["date"][:10] in figures
+
+
+@pytest.mark.slow
+def test_a_second_process_loads_what_importing_ffcv_compiles_from_numbas_cache(tmp_path):
+    """Importing FFCV builds a numba typed Dict (ffcv.fields.rgb_image.IMAGE_MODES), which compiles numba's dict
+    functions in every process: 3.7 s of each rank's start here. rsb_ffcv gives them numba's on-disk cache
+    (rsb_ffcv/startup.py): the first process compiles and stores them, the next loads them."""
+    probe = ("import rsb_ffcv, ffcv.fields.rgb_image; from numba.typed import typeddict as t; "
+             "print([(len(getattr(t, n).stats.cache_hits), len(getattr(t, n).stats.cache_misses)) "
+             "for n in ('_make_dict', '_setitem')])")
+    env = {"NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+    first, second = (run_cli("-c", probe, env_extra=env).stdout.strip() for _ in range(2))
+    assert (first, second) == ("[(0, 1), (0, 1)]", "[(1, 0), (1, 0)]")
