@@ -338,45 +338,49 @@ def check(argv=None) -> int:
     beton = corpus_beton(corpus, n, "proportion", info["cores"])  # one beton for every stage
     results["corpus"]["seconds"] = round(time.perf_counter() - t0, 1)
     d = distributed.init(device.type, key="gpu_check.device")
+
+    def stage(name, fn, needs_s):  # gpu_check.json after every stage: a call cut off keeps what it measured
+        run_stage(results, name, fn, deadline, needs_s)
+        save_json(out / "gpu_check.json", {**results, "unfinished": True})
     arch = "resnet18" if quick else "resnet50"
     steps = 4 if quick else 8
-    run_stage(results, "loader_gpu_equals_cpu", lambda: check_loader(beton, device), deadline, 20)
-    run_stage(results, "randaugment_gpu_equals_cpu", lambda: check_randaugment(device), deadline, 10)
-    run_stage(results, "train_steps_eager", lambda: check_training(beton, d, arch, False, steps), deadline, 30)
+    stage("loader_gpu_equals_cpu", lambda: check_loader(beton, device), 20)
+    stage("randaugment_gpu_equals_cpu", lambda: check_randaugment(device), 10)
+    stage("train_steps_eager", lambda: check_training(beton, d, arch, False, steps), 30)
     if cfg["gpu_check.compile"]:
-        run_stage(results, "train_steps_compiled", lambda: check_training(beton, d, arch, True, steps),
-                  deadline, 120 if gpu else 60)
+        stage("train_steps_compiled", lambda: check_training(beton, d, arch, True, steps), 120 if gpu else 60)
     sizes, batch = ([64], 16) if quick else ([160, 224], 256)
-    run_stage(results, "bench_augment", lambda: {"rows": bench_augment.run("rand-m6-mstd0.5-inc1", sizes, batch,
-                                                                            device, 8 if quick else 32)},
-              deadline, 30)
+    stage("bench_augment", lambda: {"rows": bench_augment.run("rand-m6-mstd0.5-inc1", sizes, batch,
+                                                                            device, 8 if quick else 32)}, 30)
     if quick:
         small = ["--model.arch=resnet10t", "--resolution.train=64"]
-        plans = {"bench_train_a3": ("rsb_configs/a3.yaml", 16, 2, 1, small),
-                 "bench_train_a1": ("rsb_configs/a1.yaml", 8, 2, 4, small)}
-    else:  # name: (config, per-device batch, timed micro-batches, accumulation, overrides)
-        plans = {"bench_train_a3_160px": ("rsb_configs/a3.yaml", 256, 40, 1, ["--resolution.train=160"]),
-                 "bench_train_a1_224px": ("rsb_configs/a1.yaml", 256, 40, 4, ["--resolution.train=224"])}
-    for name, (config, per_device, timed, accum, overrides) in plans.items():
-        def bench(name=name, config=config, per_device=per_device, timed=timed, accum=accum, overrides=overrides):
-            return bench_train.run(config, beton, device.type, per_device, timed, overrides, accum)
-        run_stage(results, name, bench, deadline, 90 if gpu else 30)
-    a3_config, a3_batch, a3_timed, _, a3_overrides = next(iter(plans.values()))
-    run_stage(results, "randaugment_host_syncs", lambda: check_randaugment_syncs(device, 32 if quick else 256),
-              deadline, 10)
-    run_stage(results, "timm_pipeline_a3", lambda: timm_pipeline(a3_config, beton, corpus, n, device, a3_batch,
-                                                                  info["cores"], a3_overrides, a3_timed),
-              deadline, 60 if gpu else 30)
-    run_stage(results, "loader_scaling", lambda: loader_scaling(beton, info["cores"], 32 if quick else 256,
-                                                                64 if quick else 160), deadline, 60 if gpu else 30)
-    run_stage(results, "profile_a3_step", lambda: profile_step(a3_config, beton, device, a3_batch, a3_overrides,
-                                                               2 if quick else 6), deadline, 40 if gpu else 30)
+        a3 = ("rsb_configs/a3.yaml", 16, 2, 1, small)
+        a1 = ("bench_train_a1", ("rsb_configs/a1.yaml", 8, 2, 4, small))
+        a3_name = "bench_train_a3"
+    else:  # (config, per-device batch, timed micro-batches, accumulation, overrides)
+        a3 = ("rsb_configs/a3.yaml", 256, 40, 1, ["--resolution.train=160"])
+        a1 = ("bench_train_a1_224px", ("rsb_configs/a1.yaml", 256, 40, 4, ["--resolution.train=224"]))
+        a3_name = "bench_train_a3_160px"
+
+    def bench(config, per_device, timed, accum, overrides):
+        return lambda: bench_train.run(config, beton, device.type, per_device, timed, overrides, accum)
+    # The goals first (A3 end to end, RandAugment's syncs, timm's pipeline, loader scaling, the profile),
+    # so that a short budget skips the extras at the end.
+    stage(a3_name, bench(*a3), 90 if gpu else 30)
+    a3_config, a3_batch, a3_timed, _, a3_overrides = a3
+    stage("randaugment_host_syncs", lambda: check_randaugment_syncs(device, 32 if quick else 256), 10)
+    stage("timm_pipeline_a3", lambda: timm_pipeline(a3_config, beton, corpus, n, device, a3_batch,
+                                                                  info["cores"], a3_overrides, a3_timed), 60 if gpu else 30)
+    stage("loader_scaling", lambda: loader_scaling(beton, info["cores"], 32 if quick else 256,
+                                                                64 if quick else 160), 60 if gpu else 30)
+    stage("profile_a3_step", lambda: profile_step(a3_config, beton, device, a3_batch, a3_overrides,
+                                                               2 if quick else 6), 40 if gpu else 30)
+    stage(a1[0], bench(*a1[1]), 90 if gpu else 30)
     if not quick:  # what each GPU switch buys: torch.compile, and the contiguous layout instead of channels-last
-        for name, extra in (("bench_train_a3_160px_compiled", ["--model.compile=true"]),
-                            ("bench_train_a3_160px_contiguous", ["--model.channels_last=false"])):
-            run_stage(results, name, lambda extra=extra: bench_train.run(
-                a3_config, beton, device.type, a3_batch, a3_timed, [*a3_overrides, *extra]), deadline,
-                      180 if "compiled" in name else 60)
+        for name, extra in (("bench_train_a3_160px_contiguous", ["--model.channels_last=false"]),
+                            ("bench_train_a3_160px_compiled", ["--model.compile=true"])):
+            stage(name, lambda extra=extra: bench_train.run(
+                a3_config, beton, device.type, a3_batch, a3_timed, [*a3_overrides, *extra]), 180 if "compiled" in name else 60)
     derived_figures(results)
     line = verdict(results, cfg["gpu_check.allow_skip"])
     save_json(out / "gpu_check.json", results)

@@ -36,6 +36,10 @@ else
     WORK=$(mktemp -d "${TMPDIR:-/tmp}/rsb_ffcv_gpu.XXXXXX")
     "$PY" -m venv --system-site-packages "$WORK/venv"
     VPY="$WORK/venv/bin/python"
+    # A venv made from a venv's Python (e.g. /opt/torch/.venv) sees the base interpreter's packages, not that
+    # venv's torch: a .pth file adds $PY's own site-packages after the new venv's.
+    "$PY" -c 'import site; print("\n".join(site.getsitepackages()))' \
+        > "$("$VPY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_rsb_ffcv_parent_site.pth"
 fi
 export PIP_NO_INDEX=1 PIP_FIND_LINKS="$BUNDLE/wheels" PIP_DISABLE_PIP_VERSION_CHECK=1
 export PKG_CONFIG_PATH="$BUNDLE/sysroot/pkgconfig" PATH="$BUNDLE/sysroot/bin:$PATH"
