@@ -44,6 +44,9 @@ fi
 export PIP_NO_INDEX=1 PIP_FIND_LINKS="$BUNDLE/wheels" PIP_DISABLE_PIP_VERSION_CHECK=1
 export PKG_CONFIG_PATH="$BUNDLE/sysroot/pkgconfig" PATH="$BUNDLE/sysroot/bin:$PATH"
 export LDFLAGS="-Wl,-rpath,$BUNDLE/sysroot/lib ${LDFLAGS:-}"  # libffcv finds the bundle's libraries at run time
+# ...but a RUNPATH serves only libffcv's own needs, not those of the libraries it loads (OpenCV needs libGLX,
+# libtbb, ...; seen on an H200 node, 2026-12-04): the loader searches the bundle for every process started here.
+export LD_LIBRARY_PATH="$BUNDLE/sysroot/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 echo "== installing from $BUNDLE (offline) =="
 # What the check needs; pip takes what is installed already and the rest from the bundle. W&B only if the
 # bundle has it: the check runs with W&B disabled (rsb_ffcv imports wandb only when logging to it).
