@@ -98,8 +98,9 @@ def check_randaugment(device: torch.device, batch: int = 64) -> dict:
 
 
 def check_randaugment_syncs(device: torch.device, batch: int = 256) -> dict:
-    """The host waits for the GPU at most once per RandAugment layer (the op-group sizes): counted as the
-    torch calls that synchronise, and on CUDA also by torch's own sync debug mode."""
+    """The host waits for the GPU once per RandAugment forward (the op-group sizes of all layers; the issue allows
+    up to 2): counted as the torch calls that synchronise, and on CUDA also by torch's own sync debug mode, with
+    the line that caused each wait."""
     import warnings
     ra = RandAugment("rand-m6-mstd0.5-inc1", interpolation="bicubic")
     x = bench_augment.batch_of(160, batch).to(device)
@@ -108,18 +109,27 @@ def check_randaugment_syncs(device: torch.device, batch: int = 256) -> dict:
         ra(x)
     result = {"torch_calls_that_sync": len(counted.syncs), "host_to_device_copies": len(counted.copies),
               "layers": ra.num_layers}
-    ok = len(counted.syncs) <= ra.num_layers and not counted.copies
+    ok = len(counted.syncs) <= 1 and not counted.copies
     if device.type == "cuda":
+        sources = []
+
+        def note(message, *args, **kwargs):  # where in rsb_ffcv (or torch) each synchronising call was made
+            if "synchroniz" in str(message):
+                frames = traceback.extract_stack()[:-1]
+                ours = [f for f in frames if "rsb_ffcv" in f.filename and not f.filename.endswith("gpu_check.py")]
+                f = (ours or frames)[-1]
+                sources.append(f"{Path(f.filename).name}:{f.lineno} {f.line}")
         torch.cuda.synchronize(device)
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings():
             warnings.simplefilter("always")
+            warnings.showwarning = note
             torch.cuda.set_sync_debug_mode("warn")
             try:
                 ra(x)
             finally:
                 torch.cuda.set_sync_debug_mode(0)
-        result["cuda_sync_warnings"] = sum("synchroniz" in str(w.message) for w in caught)
-        ok = ok and result["cuda_sync_warnings"] <= ra.num_layers
+        result["cuda_sync_warnings"], result["cuda_sync_sources"] = len(sources), sources
+        ok = ok and len(sources) <= 2
     return {"passed": ok, **result}
 
 

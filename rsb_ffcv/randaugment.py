@@ -2,9 +2,9 @@
 
 Every image draws its own ops (uniformly, with replacement, from the 15 increasing transforms), its own
 apply decisions (prob p), magnitudes (N(m, mstd) clipped to [0, mmax]) and signs, like timm's PIL code
-does image by image, but the work is vectorised: per layer the batch is grouped by op kind (one host sync:
-the group sizes), then one pass per colour op and one fused affine resample per resampling filter for all
-geometric ops. interpolation=random draws bilinear or bicubic per image and geometric op, as timm's
+does image by image, but the work is vectorised: per layer the batch is grouped by op kind (one host sync
+per forward reads the group sizes of every layer), then one pass per colour op and one fused affine resample
+per resampling filter for all geometric ops. interpolation=random draws bilinear or bicubic per image and geometric op, as timm's
 train.py default did (`_RANDOM_INTERPOLATION`). Colour ops follow PIL's integer definitions
 (ImageOps lookup tables, ImageEnhance's float32 blend with truncation, L = (19595 R + 38470 G + 7471 B
 + 2^15) >> 16, SMOOTH kernel with untouched borders); geometry follows PIL's affine convention (pixel
@@ -309,8 +309,8 @@ class RandAugment(torch.nn.Module):
     `generator` (or torch's default).
 
     Per layer the images are sorted by what happens to them (a colour op, a geometric op with bilinear or
-    bicubic resampling, nothing), so each kind is one contiguous slice: the one host sync of a layer is
-    reading the slice sizes (a bincount), two per batch for the usual two layers."""
+    bicubic resampling, nothing), so each kind is one contiguous slice: the one host sync of a forward is
+    reading the slice sizes of all layers at once."""
 
     def __init__(self, config_str: str, interpolation: str = "bicubic", fill=FILL, translate_pct: float = 0.45):
         super().__init__()
@@ -372,9 +372,12 @@ class RandAugment(torch.nn.Module):
         x = images.contiguous()
         b, _, h, w = x.shape
         p = params or self.sample(b, x.device, generator)
-        for layer in range(self.num_layers):
-            key = self._sort_keys(p, layer)
-            counts = torch.bincount(key, minlength=self.key_skip + 1).tolist()  # the layer's one host sync
+        keys = [self._sort_keys(p, layer) for layer in range(self.num_layers)]
+        # The slice sizes of every layer, read in one go: the forward's one host sync. Counted by comparison,
+        # not torch.bincount, which on CUDA reads the keys' min and max on the host first (two more syncs).
+        kinds = torch.arange(self.key_skip + 1, device=x.device).view(1, -1, 1)
+        all_counts = (torch.stack(keys).unsqueeze(1) == kinds).sum(-1).tolist()
+        for layer, key, counts in zip(range(self.num_layers), keys, all_counts, strict=True):
             order = torch.argsort(key, stable=True)
             xs = x.index_select(0, order)  # a new tensor, grouped by what happens to each image
             op, mag, sign = (p[k][:, layer].index_select(0, order) for k in ("op", "magnitude", "sign"))

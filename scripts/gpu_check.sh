@@ -50,7 +50,7 @@ export LD_LIBRARY_PATH="$BUNDLE/sysroot/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 echo "== installing from $BUNDLE (offline) =="
 # What the check needs; pip takes what is installed already and the rest from the bundle. W&B only if the
 # bundle has it: the check runs with W&B disabled (rsb_ffcv imports wandb only when logging to it).
-NEEDS="fastargs terminaltables assertpy pytorch-pfn-extras tqdm pyyaml psutil matplotlib timm>=1.0.9 safetensors setuptools wheel"
+NEEDS="fastargs terminaltables assertpy pytorch-pfn-extras tqdm pyyaml psutil matplotlib timm>=1.0.31 safetensors setuptools wheel"
 ls "$BUNDLE"/wheels/wandb-* >/dev/null 2>&1 && NEEDS="$NEEDS wandb>=0.17"
 "$VPY" -m pip install --quiet $NEEDS
 echo "== building ffcv 1.0.2 against the bundle's OpenCV core/imgproc and libjpeg-turbo =="

@@ -9,9 +9,10 @@
 #             link, and a pkg-config stand-in for machines without one.
 # Run on a connected Debian/Ubuntu machine (x86-64):
 #   scripts/make_offline_bundle.sh [--lean | --have FREEZE.txt] [OUT_DIR] [PY_VERSION]
-#   --lean          ship only what the GPU machines of this project lack (they have torch, torchvision, timm,
+#   --lean          ship only what the GPU machines of this project lack (they have torch, torchvision,
 #                   numba, opencv-python-headless, pillow, matplotlib, pyyaml, tqdm, psutil, safetensors,
-#                   huggingface-hub, setuptools, scipy): no W&B (the check runs without it), about 30 MB
+#                   huggingface-hub, setuptools, scipy; timm 1.0.29, so timm >= 1.0.31 goes along): no W&B
+#                   (the check runs without it), about 33 MB
 #   --have FILE     ship the full set minus the packages in FILE (the target's `pip freeze`)
 #   (neither)       the full set, W&B included, for a bare Python with torch
 # Then copy OUT_DIR and this repository to the GPU machine and run scripts/gpu_check.sh OUT_DIR.
@@ -39,8 +40,9 @@ echo "== wheels for Python $PY (manylinux x86-64) =="
 $PIP wheel --quiet --no-deps --wheel-dir wheels fastargs terminaltables assertpy
 if [ "$LEAN" = 1 ]; then
     # The one other thing ffcv needs that those machines lack; its own needs (numpy, packaging, torch,
-    # typing-extensions) are there.
-    $PIP download --quiet --dest wheels --only-binary=:all: --no-deps pytorch-pfn-extras
+    # typing-extensions) are there. timm >= 1.0.31 for its foreach Lamb (the machines' 1.0.29 updates tensor by
+    # tensor: measured on an H200, 2026-12-04); its needs are there too.
+    $PIP download --quiet --dest wheels --only-binary=:all: --no-deps pytorch-pfn-extras "timm>=1.0.31"
 else
     # The rest as binary wheels for the GPU machine's Python; timm (and matplotlib for the charts) in case it
     # lacks them: pip there installs only what is missing. timm goes without its deps (torch is there).
@@ -48,7 +50,7 @@ else
         --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
         --platform any \
         pytorch-pfn-extras "wandb>=0.17" tqdm pyyaml psutil matplotlib safetensors huggingface_hub setuptools wheel
-    $PIP download --quiet --dest wheels --only-binary=:all: --no-deps "timm>=1.0.9"
+    $PIP download --quiet --dest wheels --only-binary=:all: --no-deps "timm>=1.0.31"
     # torch and friends are on the GPU machine already: never ship them.
     rm -f wheels/torch-* wheels/torchvision-* wheels/nvidia_* wheels/triton-* wheels/numpy-* wheels/sympy-* \
           wheels/networkx-* wheels/mpmath-* wheels/jinja2-* wheels/MarkupSafe-* wheels/cuda_* wheels/pillow-*

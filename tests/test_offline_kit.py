@@ -52,7 +52,7 @@ def test_lean_bundle_fits_and_gpu_check_sh_passes_its_cpu_rehearsal(tmp_path):
     size = _size(bundle)
     assert size < 48 * 2**20, f"lean bundle {size / 2**20:.1f} MiB"
     wheels = sorted(w.name.split("-")[0] for w in (bundle / "wheels").glob("*.whl"))
-    assert wheels == ["assertpy", "fastargs", "pytorch_pfn_extras", "terminaltables"]  # no W&B
+    assert wheels == ["assertpy", "fastargs", "pytorch_pfn_extras", "terminaltables", "timm"]  # no W&B
 
     repo = tmp_path / "repo"  # gpu_check.sh builds rsb_ffcv/_jpeg in place: not in this checkout
     shutil.copytree(ROOT, repo, ignore=shutil.ignore_patterns(".venv", ".git", "data", "runs", "bench_out", "build",

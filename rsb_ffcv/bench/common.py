@@ -110,7 +110,9 @@ class HostSyncs(torch.overrides.TorchFunctionMode):
     item/tolist/cpu/numpy/bool, nonzero, boolean-mask indexing) and the copies of host data to the device
     (torch.tensor(...), .to(device)): on the CPU twin of the GPU path they are calls like any other."""
 
-    READS = {"item", "tolist", "cpu", "numpy", "__bool__", "nonzero", "masked_select", "unique", "argwhere"}
+    # bincount and histc: CUDA reads the input's min and max on the host to size the output
+    READS = {"item", "tolist", "cpu", "numpy", "__bool__", "nonzero", "masked_select", "unique", "argwhere",
+             "bincount", "histc"}
 
     def __init__(self):
         super().__init__()
