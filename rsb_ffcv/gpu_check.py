@@ -114,7 +114,7 @@ def check_randaugment_syncs(device: torch.device, batch: int = 256) -> dict:
         sources = []
 
         def note(message, *args, **kwargs):  # where in rsb_ffcv (or torch) each synchronising call was made
-            if "synchroniz" in str(message):
+            if str(message).startswith("called a synchronizing CUDA operation"):  # not the mode's own notice
                 frames = traceback.extract_stack()[:-1]
                 ours = [f for f in frames if "rsb_ffcv" in f.filename and not f.filename.endswith("gpu_check.py")]
                 f = (ours or frames)[-1]
@@ -292,6 +292,7 @@ def summary_table(results: dict) -> str:
             text = "FAILED: " + r["error"][:80]
         elif "real_images_per_s" in r:
             text = (f"{r['real_images_per_s']:,.0f} img/s from betons, {r['synthetic_images_per_s']:,.0f} synthetic, "
+                    f"{r['model_step_images_per_s']:,.0f} model step alone, "
                     f"stall {100 * r['data_stall_fraction']:.1f}%, data wait {100 * r['data_wait_fraction']:.1f}%"
                     + (f", {r['gpu_max_memory_gib']:.1f} GiB" if "gpu_max_memory_gib" in r else ""))
         elif name == "bench_augment":

@@ -3,9 +3,10 @@
 The trainer's own step (device RandAugment + normalise + Mixup/CutMix, forward/backward under the
 configured precision, optimizer) runs fed by the trainer's FFCV loader from a beton of the ImageNet-shaped
 corpus (real), and on one device-resident batch of the same shape (synthetic: no loading at all), in the
-order synthetic, real, synthetic (the faster synthetic counts: machines drift). Timing happens inside
-epochs: each epoch's first 3 batches (the loader starting up) run untimed, as they are a one-off per epoch
-that a 1.28M-image ImageNet epoch amortises. data stall = (synthetic rate - real rate) / synthetic rate;
+order synthetic, real, synthetic (the faster synthetic counts: machines drift); last the model step alone
+(forward/backward/optimizer on one batch augmented beforehand: what the device augmentation costs is the gap
+to synthetic). Timing happens inside epochs: each epoch's first 3 batches (the loader starting up) run
+untimed, as they are a one-off per epoch that a 1.28M-image ImageNet epoch amortises. data stall = (synthetic rate - real rate) / synthetic rate;
 data wait = the share of the timed real steps the main thread spent waiting for the next batch. GPU when
 present; on a CPU the default is a small model at a lower resolution (a ResNet-50 step takes seconds there).
 """
@@ -44,10 +45,11 @@ Section("bench_train", "the end-to-end training benchmark").params(
 SECTIONS = ("bench", "bench_train")
 
 
-def timed_steps(trainer: Trainer, epochs, micro_batches: int) -> dict:
-    """The trainer's optimizer steps (Recipe.train_step: `accum` micro-batches each) on the batches of `epochs()` (a
-    fresh iterator per epoch) until `micro_batches` timed micro-batches are done (whole steps: rounded up); the
-    clock runs only inside epochs, after each epoch's first WARMUP_BATCHES micro-batches (whole steps too)."""
+def timed_steps(trainer: Trainer, epochs, micro_batches: int, augment=None) -> dict:
+    """The trainer's optimizer steps (Recipe.train_step: `accum` micro-batches each, `augment` or the recipe's) on
+    the batches of `epochs()` (a fresh iterator per epoch) until `micro_batches` timed micro-batches are done (whole
+    steps: rounded up); the clock runs only inside epochs, after each epoch's first WARMUP_BATCHES micro-batches
+    (whole steps too)."""
     data, device = trainer.data, trainer.d.device
     warmup, target = math.ceil(WARMUP_BATCHES / data.accum), math.ceil(micro_batches / data.accum)
     if data.steps_per_epoch <= warmup:
@@ -62,7 +64,7 @@ def timed_steps(trainer: Trainer, epochs, micro_batches: int) -> dict:
                 if step == warmup:
                     sync(device)
                     t0, meter.wait = time.perf_counter(), 0.0
-                trainer.recipe.train_step(batches, step)
+                trainer.recipe.train_step(batches, step, augment)
                 timed += step >= warmup
             sync(device)  # the clock stops before the loader's thread is stopped
             seconds, wait = seconds + time.perf_counter() - t0, wait + meter.wait
@@ -85,7 +87,10 @@ def measure(trainer: Trainer, steps: int) -> dict:
     real = timed_steps(trainer, real_epochs, steps)
     synthetic2 = timed_steps(trainer, synthetic_epochs, steps)  # bracket real: machines drift
     synth_rate = max(synthetic["images_per_s"], synthetic2["images_per_s"])
+    augmented = trainer.recipe.augment(*fixed)  # once: the model step alone, its ceiling
+    model = timed_steps(trainer, lambda: (augmented for _ in range(n)), steps, augment=lambda x, y: (x, y))
     return {"real_images_per_s": real["images_per_s"], "synthetic_images_per_s": synth_rate,
+            "model_step_images_per_s": model["images_per_s"],
             "data_stall_fraction": max(0.0, (synth_rate - real["images_per_s"]) / synth_rate),
             "data_wait_fraction": real["data_wait_fraction"], "timed_steps": real["steps"]}
 
@@ -148,11 +153,13 @@ def main(argv=None):
     print(f"{describe(info)}: {s['arch']} at {s['resolution']} px, batch {batch}, {s['precision']}, "
           f"channels_last={s['channels_last']}, compile={s['compile']}: from betons "
           f"{result['real_images_per_s']:,.0f} img/s, synthetic {result['synthetic_images_per_s']:,.0f} img/s, "
+          f"model step alone {result['model_step_images_per_s']:,.0f} img/s, "
           f"data stall {100 * result['data_stall_fraction']:.1f}%, main-thread data wait "
           f"{100 * result['data_wait_fraction']:.1f}%")
     result = {"benchmark": "train", "machine": info, "corpus": corpus, **result}
     save(result, Path(cfg["bench.out_dir"]) / f"{cfg['bench_train.name']}.json",
-         {"from betons (FFCV)": result["real_images_per_s"], "synthetic device batches": result["synthetic_images_per_s"]},
+         {"from betons (FFCV)": result["real_images_per_s"], "synthetic device batches": result["synthetic_images_per_s"],
+          "model step alone": result["model_step_images_per_s"]},
          f"Training {s['arch']} at {s['resolution']} px, batch {batch} ({describe(info)}): data stall "
          f"{100 * result['data_stall_fraction']:.1f}%")
     distributed.shutdown()
