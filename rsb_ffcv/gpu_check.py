@@ -98,9 +98,8 @@ def check_randaugment(device: torch.device, batch: int = 64) -> dict:
 
 
 def check_randaugment_syncs(device: torch.device, batch: int = 256) -> dict:
-    """The host waits for the GPU once per RandAugment forward (the op-group sizes of all layers; the issue allows
-    up to 2): counted as the torch calls that synchronise, and on CUDA also by torch's own sync debug mode, with
-    the line that caused each wait."""
+    """The host waits for the GPU once per RandAugment forward (the op-group sizes of all layers): counted as the
+    torch calls that synchronise, and on CUDA also by torch's own sync debug mode, with the line of each wait."""
     import warnings
     ra = RandAugment("rand-m6-mstd0.5-inc1", interpolation="bicubic")
     x = bench_augment.batch_of(160, batch).to(device)
@@ -113,10 +112,12 @@ def check_randaugment_syncs(device: torch.device, batch: int = 256) -> dict:
     if device.type == "cuda":
         sources = []
 
-        def note(message, *args, **kwargs):  # where in rsb_ffcv (or torch) each synchronising call was made
+        package = Path(__file__).parent
+
+        def note(message, *args, **kwargs):  # the innermost line of randaugment.py (or else any) that synchronised
             if str(message).startswith("called a synchronizing CUDA operation"):  # not the mode's own notice
                 frames = traceback.extract_stack()[:-1]
-                ours = [f for f in frames if "rsb_ffcv" in f.filename and not f.filename.endswith("gpu_check.py")]
+                ours = [f for f in frames if Path(f.filename) == package / "randaugment.py"]
                 f = (ours or frames)[-1]
                 sources.append(f"{Path(f.filename).name}:{f.lineno} {f.line}")
         torch.cuda.synchronize(device)
@@ -129,7 +130,7 @@ def check_randaugment_syncs(device: torch.device, batch: int = 256) -> dict:
             finally:
                 torch.cuda.set_sync_debug_mode(0)
         result["cuda_sync_warnings"], result["cuda_sync_sources"] = len(sources), sources
-        ok = ok and len(sources) <= 2
+        ok = ok and len(sources) <= 1
     return {"passed": ok, **result}
 
 

@@ -375,7 +375,9 @@ class RandAugment(torch.nn.Module):
         keys = [self._sort_keys(p, layer) for layer in range(self.num_layers)]
         # The slice sizes of every layer, read in one go: the forward's one host sync. Counted by comparison,
         # not torch.bincount, which on CUDA reads the keys' min and max on the host first (two more syncs).
-        kinds = torch.arange(self.key_skip + 1, device=x.device).view(1, -1, 1)
+        if not keys:  # rand-n0: nothing to do, but a new batch as always
+            return images.clone()
+        kinds = torch.arange(self.key_skip + 1, device=keys[0].device).view(1, -1, 1)
         all_counts = (torch.stack(keys).unsqueeze(1) == kinds).sum(-1).tolist()
         for layer, key, counts in zip(range(self.num_layers), keys, all_counts, strict=True):
             order = torch.argsort(key, stable=True)

@@ -62,7 +62,7 @@ echo "== building rsb_ffcv's region JPEG decoder (rsb_ffcv/_jpeg.c) against the 
 "$VPY" -c "import rsb_ffcv.crop_decoder; print('rsb_ffcv._jpeg imports')"
 echo "== setup took $(( $(date +%s) - t0 )) s =="
 if [ "${INSTALL_INTO_CURRENT:-0}" = 1 ]; then
-    echo "(other rsb_ffcv runs in this environment need: export LD_LIBRARY_PATH=$BUNDLE/sysroot/lib)"
+    echo "(other rsb_ffcv runs in this environment need: export LD_LIBRARY_PATH=$BUNDLE/sysroot/lib\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH})"
 fi
 export WANDB_MODE=disabled WANDB_SILENT=true
 PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}" "$VPY" -m rsb_ffcv.gpu_check --gpu_check.out_dir="$OUT_DIR" "$@"

@@ -13,7 +13,8 @@
 #                   numba, opencv-python-headless, pillow, matplotlib, pyyaml, tqdm, psutil, safetensors,
 #                   huggingface-hub, setuptools, scipy; timm 1.0.29, so timm >= 1.0.31 goes along): no W&B
 #                   (the check runs without it), about 33 MB
-#   --have FILE     ship the full set minus the packages in FILE (the target's `pip freeze`)
+#   --have FILE     ship the full set minus the packages in FILE (the target's `pip freeze`), except those it
+#                   has in too old a version (timm < 1.0.31)
 #   (neither)       the full set, W&B included, for a bare Python with torch
 # Then copy OUT_DIR and this repository to the GPU machine and run scripts/gpu_check.sh OUT_DIR.
 set -euo pipefail
@@ -59,11 +60,18 @@ if [ -n "$HAVE" ]; then  # drop what the target has: wheel names are normalised 
     python3 - "$HAVE" wheels <<'PYHAVE'
 import re, sys
 from pathlib import Path
+FLOORS = {"timm": (1, 0, 31)}  # what rsb_ffcv needs at least: an older copy on the target does not count
 norm = lambda n: re.sub(r"[-_.]+", "_", n).lower()
-have = {norm(re.split(r"[=<>@ ;\[]", line.strip(), maxsplit=1)[0]) for line in open(sys.argv[1])
-        if line.strip() and not line.startswith(("#", "-"))}
+version = lambda v: tuple(int(x) for x in re.findall(r"\d+", v.split("+")[0])[:3])
+have = {}  # name -> the frozen version, or None
+for line in map(str.strip, open(sys.argv[1])):
+    if line and not line.startswith(("#", "-")):
+        pinned = re.search(r"==\s*([^\s;]+)", line)
+        have[norm(re.split(r"[=<>@ ;\[]", line, maxsplit=1)[0])] = pinned.group(1) if pinned else None
 for wheel in Path(sys.argv[2]).glob("*.whl"):
-    if norm(wheel.name.split("-")[0]) in have:
+    name = norm(wheel.name.split("-")[0])
+    too_old = name in FLOORS and have.get(name) is not None and version(have[name]) < FLOORS[name]
+    if name in have and not too_old:
         wheel.unlink()
 PYHAVE
 fi

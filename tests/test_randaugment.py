@@ -91,6 +91,8 @@ def test_layouts_generator_and_validation(images):
     assert not torch.equal(a, c)
     with pytest.raises(ValueError, match="uint8"):
         ra(batch.float())
+    no_layer = RandAugment("rand-n0-m9-mstd0.5-inc1")(batch)  # timm accepts n0: the images unchanged, a new batch
+    assert torch.equal(no_layer, batch) and no_layer.data_ptr() != batch.data_ptr()
     with pytest.raises(ValueError, match="unknown section"):
         RandAugment("rand-m7-q3")
     with pytest.raises(ValueError, match="inc1"):

@@ -1,5 +1,8 @@
-"""Device-call extras (2026-12-04): the model step's ceiling, timm's foreach Lamb vs its per-tensor loop (A3 bench,
-alternating), and the A3 bench under torch.compile. Results to $OUT/extras.json after every item."""
+"""Device-call extras (H200, 2026-12-04): the model step's ceiling (ResNet-50 forward + backward in bf16 autocast
+with cross-entropy on one resident random batch, then + timm's Lamb foreach / per tensor), and the A3 bench with
+the foreach Lamb, with it forced off, again with it (alternating against drift), then under torch.compile.
+Results in $OUT/lamb_and_model_step.json after every item. Run from the repository root:
+    OUT=DIR python results/gpu/2026-12-04-h200/lamb_and_model_step.py [cuda|cpu] [BETON (gpu_check's corpus)]"""
 import json, os, sys, time
 import torch, timm, timm.optim, timm.optim.lamb as lamb
 from rsb_ffcv import distributed
@@ -10,7 +13,7 @@ beton = sys.argv[2] if len(sys.argv) > 2 else "/tmp/gc/corpus_12800_proportion.b
 cpu = dev == "cpu"
 out = os.environ.get("OUT", "/tmp")
 r = {"timm": timm.__version__, "torch": torch.__version__, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-save = lambda: json.dump(r, open(f"{out}/extras.json", "w"), indent=1, default=str)
+save = lambda: json.dump(r, open(f"{out}/lamb_and_model_step.json", "w"), indent=1, default=str)
 
 def sync():
     if not cpu:
