@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ROOT, natural_image, run_cli
+from conftest import ROOT, natural_image
 from PIL import Image
 
 from rsb_ffcv.config import ConfigError
