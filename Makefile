@@ -44,7 +44,9 @@ demo: install
 # test files in TEST_WORKERS pytest-xdist processes: many tests wait (on Slurm's and the process group's timeouts,
 # on child processes), and one file per worker keeps a file's fixtures in one process (tests/conftest.py).
 TEST_WORKERS ?= 2
-PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+# --no-loadscope-reorder: xdist would hand out the files with the most tests first; tests/conftest.py orders
+# them longest first instead, so that the two workers end together.
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test: install test-deps
 	$(PYTEST) --durations=25 tests
