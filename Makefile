@@ -39,7 +39,7 @@ test-deps:
 demo: install
 	$(PY) -m rsb_ffcv.demo
 
-# Everything (about 18 minutes on 2 cores: 17 min 43 s measured on 2026-12-03, see the README); test-fast leaves
+# Everything (about 17 minutes on 2 cores: 16 min 46 s measured on 2026-12-04, see the README); test-fast leaves
 # out the tests marked slow (multi-process, cgroup, report and end-to-end runs) for everyday edits. Both run the
 # test files in TEST_WORKERS pytest-xdist processes: many tests wait (on Slurm's and the process group's timeouts,
 # on child processes), and one file per worker keeps a file's fixtures in one process (tests/conftest.py).
