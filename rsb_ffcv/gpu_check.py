@@ -110,9 +110,7 @@ def check_randaugment_syncs(device: torch.device, batch: int = 256) -> dict:
               "layers": ra.num_layers}
     ok = len(counted.syncs) <= 1 and not counted.copies
     if device.type == "cuda":
-        sources = []
-
-        package = Path(__file__).parent
+        sources, package = [], Path(__file__).parent
 
         def note(message, *args, **kwargs):  # the innermost line of randaugment.py (or else any) that synchronised
             if str(message).startswith("called a synchronizing CUDA operation"):  # not the mode's own notice
@@ -362,8 +360,8 @@ def check(argv=None) -> int:
     if cfg["gpu_check.compile"]:
         stage("train_steps_compiled", lambda: check_training(beton, d, arch, True, steps), 120 if gpu else 60)
     sizes, batch = ([64], 16) if quick else ([160, 224], 256)
-    stage("bench_augment", lambda: {"rows": bench_augment.run("rand-m6-mstd0.5-inc1", sizes, batch,
-                                                                            device, 8 if quick else 32)}, 30)
+    stage("bench_augment", lambda: {"rows": bench_augment.run("rand-m6-mstd0.5-inc1", sizes, batch, device,
+                                                               8 if quick else 32)}, 30)
     if quick:
         small = ["--model.arch=resnet10t", "--resolution.train=64"]
         a3 = ("rsb_configs/a3.yaml", 16, 2, 1, small)
@@ -381,18 +379,19 @@ def check(argv=None) -> int:
     stage(a3_name, bench(*a3), 90 if gpu else 30)
     a3_config, a3_batch, a3_timed, _, a3_overrides = a3
     stage("randaugment_host_syncs", lambda: check_randaugment_syncs(device, 32 if quick else 256), 10)
-    stage("timm_pipeline_a3", lambda: timm_pipeline(a3_config, beton, corpus, n, device, a3_batch,
-                                                                  info["cores"], a3_overrides, a3_timed), 60 if gpu else 30)
-    stage("loader_scaling", lambda: loader_scaling(beton, info["cores"], 32 if quick else 256,
-                                                                64 if quick else 160), 60 if gpu else 30)
+    stage("timm_pipeline_a3", lambda: timm_pipeline(a3_config, beton, corpus, n, device, a3_batch, info["cores"],
+                                                    a3_overrides, a3_timed), 60 if gpu else 30)
+    stage("loader_scaling", lambda: loader_scaling(beton, info["cores"], 32 if quick else 256, 64 if quick else 160),
+          60 if gpu else 30)
     stage("profile_a3_step", lambda: profile_step(a3_config, beton, device, a3_batch, a3_overrides,
-                                                               2 if quick else 6), 40 if gpu else 30)
+                                                  2 if quick else 6), 40 if gpu else 30)
     stage(a1[0], bench(*a1[1]), 90 if gpu else 30)
     if not quick:  # what each GPU switch buys: torch.compile, and the contiguous layout instead of channels-last
         for name, extra in (("bench_train_a3_160px_contiguous", ["--model.channels_last=false"]),
                             ("bench_train_a3_160px_compiled", ["--model.compile=true"])):
             stage(name, lambda extra=extra: bench_train.run(
-                a3_config, beton, device.type, a3_batch, a3_timed, [*a3_overrides, *extra]), 180 if "compiled" in name else 60)
+                a3_config, beton, device.type, a3_batch, a3_timed, [*a3_overrides, *extra]),
+                  180 if "compiled" in name else 60)
     derived_figures(results)
     line = verdict(results, cfg["gpu_check.allow_skip"])
     save_json(out / "gpu_check.json", results)

@@ -4,8 +4,8 @@ Every image draws its own ops (uniformly, with replacement, from the 15 increasi
 apply decisions (prob p), magnitudes (N(m, mstd) clipped to [0, mmax]) and signs, like timm's PIL code
 does image by image, but the work is vectorised: per layer the batch is grouped by op kind (one host sync
 per forward reads the group sizes of every layer), then one pass per colour op and one fused affine resample
-per resampling filter for all geometric ops. interpolation=random draws bilinear or bicubic per image and geometric op, as timm's
-train.py default did (`_RANDOM_INTERPOLATION`). Colour ops follow PIL's integer definitions
+per resampling filter for all geometric ops. interpolation=random draws bilinear or bicubic per image and
+geometric op, as timm's train.py default did (`_RANDOM_INTERPOLATION`). Colour ops follow PIL's integer definitions
 (ImageOps lookup tables, ImageEnhance's float32 blend with truncation, L = (19595 R + 38470 G + 7471 B
 + 2^15) >> 16, SMOOTH kernel with untouched borders); geometry follows PIL's affine convention (pixel
 centres at +0.5, matrices mapping output to input, fill outside the image). Measured against timm's PIL

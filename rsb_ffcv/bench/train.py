@@ -6,9 +6,10 @@ corpus (real), and on one device-resident batch of the same shape (synthetic: no
 order synthetic, real, synthetic (the faster synthetic counts: machines drift); last the model step alone
 (forward/backward/optimizer on one batch augmented beforehand: what the device augmentation costs is the gap
 to synthetic). Timing happens inside epochs: each epoch's first 3 batches (the loader starting up) run
-untimed, as they are a one-off per epoch that a 1.28M-image ImageNet epoch amortises. data stall = (synthetic rate - real rate) / synthetic rate;
-data wait = the share of the timed real steps the main thread spent waiting for the next batch. GPU when
-present; on a CPU the default is a small model at a lower resolution (a ResNet-50 step takes seconds there).
+untimed, as they are a one-off per epoch that a 1.28M-image ImageNet epoch amortises. data stall =
+(synthetic rate - real rate) / synthetic rate; data wait = the share of the timed real steps the main thread
+spent waiting for the next batch. GPU when present; on a CPU the default is a small model at a lower
+resolution (a ResNet-50 step takes seconds there).
 """
 from __future__ import annotations
 
@@ -158,7 +159,8 @@ def main(argv=None):
           f"{100 * result['data_wait_fraction']:.1f}%")
     result = {"benchmark": "train", "machine": info, "corpus": corpus, **result}
     save(result, Path(cfg["bench.out_dir"]) / f"{cfg['bench_train.name']}.json",
-         {"from betons (FFCV)": result["real_images_per_s"], "synthetic device batches": result["synthetic_images_per_s"],
+         {"from betons (FFCV)": result["real_images_per_s"],
+          "synthetic device batches": result["synthetic_images_per_s"],
           "model step alone": result["model_step_images_per_s"]},
          f"Training {s['arch']} at {s['resolution']} px, batch {batch} ({describe(info)}): data stall "
          f"{100 * result['data_stall_fraction']:.1f}%")
