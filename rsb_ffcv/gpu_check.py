@@ -364,13 +364,11 @@ def check(argv=None) -> int:
                                                                8 if quick else 32)}, 30)
     if quick:
         small = ["--model.arch=resnet10t", "--resolution.train=64"]
-        a3 = ("rsb_configs/a3.yaml", 16, 2, 1, small)
-        a1 = ("bench_train_a1", ("rsb_configs/a1.yaml", 8, 2, 4, small))
-        a3_name = "bench_train_a3"
-    else:  # (config, per-device batch, timed micro-batches, accumulation, overrides)
-        a3 = ("rsb_configs/a3.yaml", 256, 40, 1, ["--resolution.train=160"])
-        a1 = ("bench_train_a1_224px", ("rsb_configs/a1.yaml", 256, 40, 4, ["--resolution.train=224"]))
-        a3_name = "bench_train_a3_160px"
+        a3_name, a3 = "bench_train_a3", ("rsb_configs/a3.yaml", 16, 2, 1, small)
+        a1_name, a1 = "bench_train_a1", ("rsb_configs/a1.yaml", 8, 2, 4, small)
+    else:  # name, (config, per-device batch, timed micro-batches, accumulation, overrides)
+        a3_name, a3 = "bench_train_a3_160px", ("rsb_configs/a3.yaml", 256, 40, 1, ["--resolution.train=160"])
+        a1_name, a1 = "bench_train_a1_224px", ("rsb_configs/a1.yaml", 256, 40, 4, ["--resolution.train=224"])
 
     def bench(config, per_device, timed, accum, overrides):
         return lambda: bench_train.run(config, beton, device.type, per_device, timed, overrides, accum)
@@ -385,7 +383,7 @@ def check(argv=None) -> int:
           60 if gpu else 30)
     stage("profile_a3_step", lambda: profile_step(a3_config, beton, device, a3_batch, a3_overrides,
                                                   2 if quick else 6), 40 if gpu else 30)
-    stage(a1[0], bench(*a1[1]), 90 if gpu else 30)
+    stage(a1_name, bench(*a1), 90 if gpu else 30)
     if not quick:  # what each GPU switch buys: torch.compile, and the contiguous layout instead of channels-last
         for name, extra in (("bench_train_a3_160px_contiguous", ["--model.channels_last=false"]),
                             ("bench_train_a3_160px_compiled", ["--model.compile=true"])):

@@ -379,7 +379,7 @@ class RandAugment(torch.nn.Module):
             return images.clone()
         kinds = torch.arange(self.key_skip + 1, device=keys[0].device).view(1, -1, 1)
         all_counts = (torch.stack(keys).unsqueeze(1) == kinds).sum(-1).tolist()
-        for layer, key, counts in zip(range(self.num_layers), keys, all_counts, strict=True):
+        for layer, (key, counts) in enumerate(zip(keys, all_counts, strict=True)):
             order = torch.argsort(key, stable=True)
             xs = x.index_select(0, order)  # a new tensor, grouped by what happens to each image
             op, mag, sign = (p[k][:, layer].index_select(0, order) for k in ("op", "magnitude", "sign"))

@@ -63,15 +63,20 @@ def without_system_copies(cmd: list[str]) -> list[str]:
     return ["unshare", "--mount", "--propagation", "private", "bash", "-c", f'{binds} && exec "$@"', "bash", *cmd]
 
 
+def lean_bundle(bundle: Path, *options: str) -> list[str]:
+    """make_offline_bundle.sh --lean [options] into `bundle`, for Python 3.12; the names of its wheels."""
+    p = subprocess.run(["bash", str(ROOT / "scripts" / "make_offline_bundle.sh"), "--lean", *options, str(bundle),
+                        "3.12"], capture_output=True, text=True, env={**os.environ, "PIP": f"{sys.executable} -m pip"},
+                       timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return sorted(w.name.split("-")[0] for w in (bundle / "wheels").glob("*.whl"))
+
+
 def test_lean_bundle_fits_and_gpu_check_sh_passes_its_cpu_rehearsal(tmp_path):
     bundle = tmp_path / "bundle"
-    env = {**os.environ, "PIP": f"{sys.executable} -m pip"}
-    p = subprocess.run(["bash", str(ROOT / "scripts" / "make_offline_bundle.sh"), "--lean", str(bundle), "3.12"],
-                       capture_output=True, text=True, env=env, timeout=900)
-    assert p.returncode == 0, p.stderr[-3000:]
+    wheels = lean_bundle(bundle)
     size = _size(bundle)
     assert size < 48 * 2**20, f"lean bundle {size / 2**20:.1f} MiB"
-    wheels = sorted(w.name.split("-")[0] for w in (bundle / "wheels").glob("*.whl"))
     assert wheels == ["assertpy", "fastargs", "pytorch_pfn_extras", "terminaltables", "timm"]  # no W&B
 
     repo = tmp_path / "repo"  # gpu_check.sh builds rsb_ffcv/_jpeg in place: not in this checkout
@@ -116,10 +121,5 @@ def test_have_drops_what_the_target_has_except_a_timm_older_than_needed(tmp_path
     rsb_ffcv needs (the H200 nodes have 1.0.29, whose Lamb updates tensor by tensor): pip there upgrades it."""
     freeze = tmp_path / "freeze.txt"
     freeze.write_text("# the target's pip freeze\ntimm==1.0.29\nfastargs==1.2.0\n")
-    bundle = tmp_path / "bundle"
-    p = subprocess.run(["bash", str(ROOT / "scripts" / "make_offline_bundle.sh"), "--lean", "--have", str(freeze),
-                        str(bundle), "3.12"], capture_output=True, text=True,
-                       env={**os.environ, "PIP": f"{sys.executable} -m pip"}, timeout=900)
-    assert p.returncode == 0, p.stderr[-3000:]
-    wheels = sorted(w.name.split("-")[0] for w in (bundle / "wheels").glob("*.whl"))
+    wheels = lean_bundle(tmp_path / "bundle", "--have", str(freeze))
     assert wheels == ["assertpy", "pytorch_pfn_extras", "terminaltables", "timm"]
