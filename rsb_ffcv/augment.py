@@ -29,9 +29,11 @@ class TrainAugment(torch.nn.Module):
 
     def __init__(self, num_classes: int, rand_augment: str = "", interpolation: str = "bicubic",
                  mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0, mixup_prob: float = 1.0,
-                 switch_prob: float = 0.5, mode: str = "batch", label_smoothing: float = 0.0):
+                 switch_prob: float = 0.5, mode: str = "batch", label_smoothing: float = 0.0,
+                 rand_augment_batching: str = "grouped", rand_augment_compile: bool = False):
         super().__init__()
-        self.rand_augment = RandAugment(rand_augment, interpolation) if rand_augment else None
+        self.rand_augment = RandAugment(rand_augment, interpolation, batching=rand_augment_batching,
+                                        compile=rand_augment_compile) if rand_augment else None
         self.normalize = Normalize()
         self.mixup = None
         if mixup_alpha > 0 or cutmix_alpha > 0:

@@ -67,28 +67,35 @@ def _histogram(x: torch.Tensor) -> torch.Tensor:
     return hist.reshape(b, c, 256)
 
 
-def auto_contrast(x: torch.Tensor) -> torch.Tensor:
-    """PIL ImageOps.autocontrast (cutoff 0), per channel."""
-    flat = x.reshape(*x.shape[:2], -1)
+def auto_contrast_lut(x: torch.Tensor) -> torch.Tensor:
+    """The (b,3,256) table of PIL ImageOps.autocontrast (cutoff 0), per channel."""
+    # int32: torch.compile's CPU code returns 0 for uint8 amin over >= 16 values (pytorch/pytorch#191499, torch 2.14)
+    flat = x.reshape(*x.shape[:2], -1).int()
     lo, hi = flat.amin(-1).double(), flat.amax(-1).double()
     ix = torch.arange(256, dtype=torch.float64, device=x.device)
     # tensor / tensor: `255.0 / t` is computed as 255 * (1 / t) in torch, which rounds differently from PIL
     scale = torch.full_like(hi, 255.0) / (hi - lo).clamp(min=1)
     lut = torch.trunc(ix * scale[..., None] + (-lo * scale)[..., None]).clamp(0, 255)
-    lut = torch.where((hi > lo)[..., None], lut, ix)
-    return _apply_lut(x, lut)
+    return torch.where((hi > lo)[..., None], lut, ix)
 
 
-def equalize(x: torch.Tensor) -> torch.Tensor:
-    """PIL ImageOps.equalize, per channel."""
+def auto_contrast(x: torch.Tensor) -> torch.Tensor:
+    return _apply_lut(x, auto_contrast_lut(x))
+
+
+def equalize_lut(x: torch.Tensor) -> torch.Tensor:
+    """The (b,3,256) table of PIL ImageOps.equalize, per channel."""
     h = _histogram(x)
     ix = torch.arange(256, device=x.device)
     last_nonzero = torch.where(h > 0, ix, -1).amax(-1, keepdim=True)
     step = (h.sum(-1, keepdim=True) - h.gather(-1, last_nonzero)) // 255
     before = torch.cumsum(h, -1) - h  # n before adding h[i]
     lut = (step // 2 + before) // step.clamp(min=1)
-    lut = torch.where(step > 0, lut.clamp(max=255), ix)
-    return _apply_lut(x, lut)
+    return torch.where(step > 0, lut.clamp(max=255), ix)
+
+
+def equalize(x: torch.Tensor) -> torch.Tensor:
+    return _apply_lut(x, equalize_lut(x))
 
 
 def posterize(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
@@ -124,9 +131,18 @@ def color(x, factor):
     return blend(grayscale(x).expand_as(x), x, factor)
 
 
+def _grey_mean(x):
+    return torch.floor(grayscale(x).double().mean(dim=(1, 2, 3)) + 0.5).view(-1, 1, 1, 1)  # int(mean + 0.5)
+
+
 def contrast(x, factor):
-    mean = torch.floor(grayscale(x).double().mean(dim=(1, 2, 3)) + 0.5)  # int(mean + 0.5)
-    return blend(mean.view(-1, 1, 1, 1).expand_as(x), x, factor)
+    return blend(_grey_mean(x).expand_as(x), x, factor)
+
+
+def contrast_lut(x, factor):
+    """Contrast blends every value with one per-image constant: a (b,3,256) table."""
+    ramp = _ramp(x)
+    return blend(_grey_mean(x).expand_as(ramp), ramp, factor).view(x.shape[0], 3, 256)
 
 
 def brightness(x, factor):
@@ -141,8 +157,19 @@ def constants(device) -> dict:
     device = torch.device(device)
     if device not in _CONSTANTS:
         smooth = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13.0  # PIL's SMOOTH
-        _CONSTANTS[device] = {"smooth": smooth.to(device), "fill": torch.tensor(FILL, dtype=torch.uint8).to(device)}
+        _CONSTANTS[device] = {"smooth": smooth.to(device), "fill": torch.tensor(FILL, dtype=torch.uint8).to(device),
+                              "ramp": torch.arange(256, dtype=torch.uint8).to(device)}
     return _CONSTANTS[device]
+
+
+def _ramp(x: torch.Tensor) -> torch.Tensor:
+    """Every uint8 value once per image and channel, (b,3,1,256): a pointwise op applied to it is its table."""
+    return constants(x.device)["ramp"].view(1, 1, 1, 256).expand(x.shape[0], 3, 1, 256)
+
+
+def pointwise_lut(op):
+    """(x, arg) → the (b,3,256) table of a colour op that maps each value on its own (op applied to the ramp)."""
+    return lambda x, arg: op(_ramp(x), arg).reshape(x.shape[0], 3, 256)
 
 
 def sharpness(x, factor):
@@ -226,19 +253,16 @@ def _cubic_weights(d: torch.Tensor) -> list[torch.Tensor]:
     return [-d + 2 * d2 - d3, 1 - 2 * d2 + d3, d + d2 - d3, -d2 + d3]
 
 
-def warp(x: torch.Tensor, mats: torch.Tensor, mode: str, fill=FILL) -> torch.Tensor:
+def warp(x: torch.Tensor, mats: torch.Tensor, mode: str, fill=FILL, bicubic: torch.Tensor | None = None):
     """Resample uint8 images exactly as PIL's Image.transform(AFFINE) does: output pixel (i, j) reads the
     input at M · (j + 0.5, i + 0.5, 1); sample points outside the input get `fill`; bilinear/bicubic clamp
     neighbours to the edge and truncate (bilinear in float64 as PIL: exact; bicubic as float32 weights:
-    within one level of PIL and several times faster)."""
+    within one level of PIL and several times faster). mode "per_image": bicubic where the (b,) mask
+    `bicubic` is set, else bilinear."""
     b, c, h, w = x.shape
     sx, sy = _source_coords(mats, h, w, mode)
     pixels = x.permute(0, 2, 3, 1).reshape(b * h * w, c)  # whole RGB pixels: one index per neighbour
     base = (torch.arange(b, device=x.device) * (h * w)).view(b, 1)
-
-    def pick(row_start, col):  # (b, h*w, c) values of one neighbour
-        return pixels.index_select(0, (row_start + col).flatten()).view(b, h * w, c).float()
-
     inside = ((sx >= 0) & (sx < w) & (sy >= 0) & (sy < h)).unsqueeze(-1)
     if mode == "nearest":
         out = pixels.index_select(0, (base + sy.clamp(0, h - 1) * w + sx.clamp(0, w - 1)).flatten())
@@ -248,21 +272,24 @@ def warp(x: torch.Tensor, mats: torch.Tensor, mode: str, fill=FILL) -> torch.Ten
         x0, y0 = torch.floor(xin), torch.floor(yin)
         dx, dy = (xin - x0).unsqueeze(-1), (yin - y0).unsqueeze(-1)
         x0, y0 = x0.long(), y0.long()
-        if mode == "bilinear":  # PIL's form, in float64: exact
-            cols = [x0.clamp(0, w - 1), (x0 + 1).clamp(0, w - 1)]
-            rows = []
+        offsets = (-1, 0, 1, 2)  # neighbours clamped to the edge
+        rows = {r: base + (y0 + r).clamp(0, h - 1) * w for r in offsets}
+        cols = {k: (x0 + k).clamp(0, w - 1) for k in offsets}
+
+        def near(r, k):  # (b, h*w, c) values of one neighbour
+            return pixels.index_select(0, (rows[r] + cols[k]).flatten()).view(b, h * w, c).float()
+        if mode in ("bilinear", "per_image"):  # PIL's form, in float64: exact
+            lines = []
             for r in (0, 1):
-                row_start = base + (y0 + r).clamp(0, h - 1) * w
-                v1, v2 = (pick(row_start, col).double() for col in cols)
-                rows.append(v1 + (v2 - v1) * dx)
-            v = rows[0] + (rows[1] - rows[0]) * dy
-        else:  # PIL's cubic as weights, in float32: within one level of PIL, several times faster
+                v1, v2 = near(r, 0).double(), near(r, 1).double()
+                lines.append(v1 + (v2 - v1) * dx)
+            v = lines[0] + (lines[1] - lines[0]) * dy
+        if mode in ("bicubic", "per_image"):  # PIL's cubic as weights, in float32
             wx, wy = _cubic_weights(dx.float()), _cubic_weights(dy.float())
-            cols = [(x0 + k).clamp(0, w - 1) for k in (-1, 0, 1, 2)]  # neighbours clamped to the edge
-            v = 0
-            for r, wr in zip((-1, 0, 1, 2), wy):
-                row_start = base + (y0 + r).clamp(0, h - 1) * w
-                v = v + wr * sum(wk * pick(row_start, col) for wk, col in zip(wx, cols))
+            cubic = 0
+            for r, wr in zip(offsets, wy):
+                cubic = cubic + wr * sum(wk * near(r, k) for wk, k in zip(wx, offsets))
+            v = cubic if mode == "bicubic" else torch.where(bicubic.view(b, 1, 1), cubic.double(), v)
         out = torch.trunc(v.clamp(0, 255)).to(torch.uint8)  # PIL truncates
     fill_t = constants(x.device)["fill"] if tuple(fill) == FILL else \
         torch.tensor(fill, dtype=torch.uint8).to(x.device)
@@ -298,7 +325,14 @@ NAME_TO_AFFINE = {  # geometric ops: (b,) arguments → (b,2,3) PIL affine matri
     "Rotate": rotate, "ShearX": shear_x, "ShearY": shear_y, "TranslateXRel": translate_x_rel,
     "TranslateYRel": translate_y_rel,
 }
-assert set(NAME_TO_OP) | set(NAME_TO_AFFINE) == set(OPS) == set(LEVEL_TO_ARG)
+NAME_TO_LUT = {  # the colour ops that map values through a per-image table: (x, arg) → (b,3,256)
+    "AutoContrast": lambda x, arg: auto_contrast_lut(x), "Equalize": lambda x, arg: equalize_lut(x),
+    "Invert": pointwise_lut(NAME_TO_OP["Invert"]), "PosterizeIncreasing": pointwise_lut(posterize),
+    "SolarizeIncreasing": pointwise_lut(solarize), "SolarizeAdd": pointwise_lut(solarize_add),
+    "BrightnessIncreasing": pointwise_lut(brightness), "ContrastIncreasing": contrast_lut,
+}
+assert set(NAME_TO_OP) | set(NAME_TO_AFFINE) == set(OPS) == set(LEVEL_TO_ARG) and set(NAME_TO_LUT) <= set(NAME_TO_OP)
+BATCHINGS = ("grouped", "masked")
 
 
 # ---- the module --------------------------------------------------------------------------------------------
@@ -306,14 +340,27 @@ assert set(NAME_TO_OP) | set(NAME_TO_AFFINE) == set(OPS) == set(LEVEL_TO_ARG)
 class RandAugment(torch.nn.Module):
     """RandAugment from a timm config string, on uint8 N×3×H×W batches (contiguous or channels-last), any
     device. Returns a new batch in the same layout and dtype (the input is never written). Randomness from
-    `generator` (or torch's default).
+    `generator` (or torch's default). Two ways to batch the work, equal to the bit for the same draw:
 
-    Per layer the images are sorted by what happens to them (a colour op, a geometric op with bilinear or
-    bicubic resampling, nothing), so each kind is one contiguous slice: the one host sync of a forward is
-    reading the slice sizes of all layers at once."""
+    - grouped: per layer the images are sorted by what happens to them (a colour op, a geometric op with
+      bilinear or bicubic resampling, nothing), so each kind is one contiguous slice; the least arithmetic,
+      but the one host sync of a forward reads the slice sizes of all layers, and the launches depend on them.
+    - masked: per layer every kind runs over the whole batch and each image keeps its own result: one table
+      lookup for the eight table ops, Color, Sharpness, one resample (identity for the images that draw no
+      geometric op). More arithmetic, no host sync and the same launches whatever the draw, so that the host
+      runs ahead of the GPU and the forward can be captured in a CUDA graph or compiled."""
 
-    def __init__(self, config_str: str, interpolation: str = "bicubic", fill=FILL, translate_pct: float = 0.45):
+    def __init__(self, config_str: str, interpolation: str = "bicubic", fill=FILL, translate_pct: float = 0.45,
+                 batching: str = "grouped", compile: bool = False):
         super().__init__()
+        if batching not in BATCHINGS:
+            raise ValueError(f"batching '{batching}': expected one of {', '.join(BATCHINGS)}")
+        if compile and batching != "masked":
+            raise ValueError("compile needs batching='masked' (grouped reads its group sizes on the host)")
+        self.batching = batching
+        # compile: torch.compile the masked work (one graph, fixed shapes); the draw stays eager, so the same images
+        self.apply_masked = torch.compile(self._apply_masked, fullgraph=True, dynamic=False) if compile \
+            else self._apply_masked
         cfg = parse_config(config_str)
         self.config_str = config_str
         self.magnitude, self.num_layers, self.prob = cfg["m"], cfg["n"], cfg["p"]
@@ -372,6 +419,9 @@ class RandAugment(torch.nn.Module):
         x = images.contiguous()
         b, _, h, w = x.shape
         p = params or self.sample(b, x.device, generator)
+        if self.batching == "masked":
+            x = self.apply_masked(x, p) if self.num_layers else images.clone()
+            return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         keys = [self._sort_keys(p, layer) for layer in range(self.num_layers)]
         # The slice sizes of every layer, read in one go: the forward's one host sync. Counted by comparison,
         # not torch.bincount, which on CUDA reads the keys' min and max on the host first (two more syncs).
@@ -403,3 +453,35 @@ class RandAugment(torch.nn.Module):
                     xs[sl] = warp(xs[sl], mats, self.resample_modes[k - self.key_geometric], self.fill)
             x = torch.empty_like(xs).index_copy_(0, order, xs)
         return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+    def _apply_masked(self, x: torch.Tensor, p: dict) -> torch.Tensor:
+        for layer in range(self.num_layers):
+            x = self._masked_layer(x, p, layer)
+        return x
+
+    def _masked_layer(self, x: torch.Tensor, p: dict, layer: int) -> torch.Tensor:
+        """One layer over the whole batch, each image selecting its own op's result (see the class docstring)."""
+        b, _, h, w = x.shape
+        op, applied = p["op"][:, layer], p["applied"][:, layer]
+        lv, sign = p["magnitude"][:, layer] / LEVEL_DENOM, p["sign"][:, layer]
+
+        def drew(name):  # (b,) images whose op in this layer is `name`, applied
+            return applied & (op == OPS.index(name))
+
+        def arg(name):
+            return LEVEL_TO_ARG[name](lv, sign, self.hparams) if LEVEL_TO_ARG[name] else None
+        lut = pointwise_lut(lambda v, _: v)(x, None)  # identity
+        for name, table in NAME_TO_LUT.items():
+            lut = torch.where(drew(name).view(b, 1, 1), table(x, arg(name)), lut)
+        x = _apply_lut(x, lut)
+        for name in [n for n in NAME_TO_OP if n not in NAME_TO_LUT]:  # Color, Sharpness: every pixel's own neighbourhood
+            x = torch.where(drew(name).view(b, 1, 1, 1), NAME_TO_OP[name](x, arg(name)), x)
+        geometric, mats = torch.zeros_like(applied), _identity(lv)
+        for name, affine in NAME_TO_AFFINE.items():
+            geometric = geometric | drew(name)
+            mats = torch.where(drew(name).view(b, 1, 1), affine(arg(name), w, h), mats)
+        if self.interpolation == "random":
+            warped = warp(x, mats, "per_image", self.fill, bicubic=p["bicubic"][:, layer])
+        else:
+            warped = warp(x, mats, self.interpolation, self.fill)
+        return torch.where(geometric.view(b, 1, 1, 1), warped, x)

@@ -218,10 +218,14 @@ def build_recipe(cfg: dict, d, num_classes: int, steps_per_epoch: int, accum: in
     if d.world > 1:
         ids = [d.device.index] if d.device.type == "cuda" else None
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if cfg["augment.rand_augment_compile"] and cfg["augment.rand_augment_batching"] != "masked":
+        raise ConfigError("augment.rand_augment_compile=true needs augment.rand_augment_batching=masked (grouped "
+                          "reads its group sizes on the host: there is no one graph to compile)")
     augment = TrainAugment(num_classes, cfg["augment.rand_augment"], cfg["augment.interpolation"],
                            cfg["augment.mixup_alpha"], cfg["augment.cutmix_alpha"], cfg["augment.mixup_prob"],
                            cfg["augment.mixup_switch_prob"], cfg["augment.mixup_mode"],
-                           cfg["training.label_smoothing"]).to(d.device)
+                           cfg["training.label_smoothing"], cfg["augment.rand_augment_batching"],
+                           cfg["augment.rand_augment_compile"]).to(d.device)
     loss_fn = build_loss(cfg["training.loss"], augment.mixup_active, cfg["training.label_smoothing"],
                          cfg["training.bce_target_thresh"])
     scheduler, total_epochs = build_scheduler(

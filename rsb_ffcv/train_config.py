@@ -99,6 +99,12 @@ Section("augment", "augmentation, batched on the device").params(
     rand_augment=Param(str, "timm RandAugment string, e.g. rand-m6-mstd0.5-inc1 ('' = off)", default=""),
     interpolation=Param(Choice(["bilinear", "bicubic", "random"]), "RandAugment geometric interpolation (random: "
                         "bilinear or bicubic per image and op, timm's train.py default)", default="bicubic"),
+    rand_augment_batching=Param(Choice(["grouped", "masked"]), "how RandAugment batches its per-image ops, equal "
+                                "to the bit: grouped (sorted by op: least arithmetic, one host sync per batch) or "
+                                "masked (every op over the whole batch: no host sync, the same launches every "
+                                "batch)", default="grouped"),
+    rand_augment_compile=Param(bool, "torch.compile RandAugment's per-image work as one graph (needs "
+                               "rand_augment_batching=masked; the draw stays eager: the same images)", default=False),
     mixup_alpha=Param(float, "Mixup alpha (0 = off)", default=0.0),
     cutmix_alpha=Param(float, "CutMix alpha (0 = off)", default=0.0),
     mixup_prob=Param(float, "probability of mixing a batch", default=1.0),

@@ -5,6 +5,7 @@ import time
 import pytest
 
 from rsb_ffcv import gpu_check
+from rsb_ffcv.config import ConfigError
 
 
 def test_a_stage_skipped_for_time_fails_the_check_unless_allowed(capsys):
@@ -22,3 +23,19 @@ def test_a_stage_skipped_for_time_fails_the_check_unless_allowed(capsys):
     assert results["broken"]["error"] == "ZeroDivisionError: division by zero"
     assert gpu_check.verdict(results, allow_skip=True) == "FAILED (1 failed)" and results["failed"] == ["broken"]
     assert "[late] skipped (time budget:" in capsys.readouterr().out
+
+
+def test_chosen_stages_run_alone(tmp_path):
+    """gpu_check.stages: a follow-up call on a GPU measures only what it names (here on the CPU, at toy sizes)."""
+    import json
+    chosen = ["randaugment_gpu_equals_cpu", "randaugment_host_syncs_masked"]
+    assert gpu_check.check(["--gpu_check.device=cpu", "--gpu_check.quick=true", f"--gpu_check.out_dir={tmp_path}",
+                            f"--gpu_check.stages={','.join(chosen)}"]) == 0
+    r = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert [k for k, v in r.items() if isinstance(v, dict) and "stage_seconds" in v] == chosen
+    assert r["randaugment_host_syncs_masked"]["torch_calls_that_sync"] == 0 and r["passed"]
+    with pytest.raises(ConfigError, match="gpu_check.stages: no stage named randaugment_syncs here .*"
+                                          "randaugment_host_syncs_masked"):
+        gpu_check.check(["--gpu_check.device=cpu", f"--gpu_check.out_dir={tmp_path / 'typo'}",
+                         "--gpu_check.stages=randaugment_syncs"])
+    assert not (tmp_path / "typo").exists()  # refused before any work

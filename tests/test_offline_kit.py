@@ -97,11 +97,12 @@ def test_lean_bundle_fits_and_gpu_check_sh_passes_its_cpu_rehearsal(tmp_path):
     r = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
     # every stage of the check, rehearsed on the CPU as it will run on the GPU node (once, here, for the suite)
     assert r["passed"] and r["machine"]["gpu"] is None and r["skipped"] == [] and r["failed"] == []
-    assert r["loader_gpu_equals_cpu"]["equal"] and r["randaugment_gpu_equals_cpu"]["max_abs_diff"] == 0
+    assert r["loader_gpu_equals_cpu"]["equal"]
+    assert [r["randaugment_gpu_equals_cpu"][b]["max_abs_diff"] for b in ("grouped", "masked")] == [0, 0]
     losses = r["train_steps_eager"]["losses"]
     assert losses[-1] < losses[0] and r["train_steps_eager"]["soft_targets"]
     assert r["bench_augment"]["rows"][0]["ours_images_per_s"] > 0
-    for name in ("bench_train_a3", "bench_train_a1"):
+    for name in ("bench_train_a3", "bench_train_a3_masked", "bench_train_a1"):
         assert r[name]["real_images_per_s"] > 0 and 0 <= r[name]["data_stall_fraction"] < 1
         assert r[name]["model_step_images_per_s"] > 0  # the step alone, on a batch augmented beforehand
         assert 0 <= r[name]["data_wait_fraction"] < 1
@@ -109,6 +110,8 @@ def test_lean_bundle_fits_and_gpu_check_sh_passes_its_cpu_rehearsal(tmp_path):
     assert (a1["accumulation"], a1["repeated_aug"]) == (4, 3)
     assert len(list((tmp_path / "out").glob("*.beton"))) == 1  # one corpus beton, shared by every stage
     assert r["randaugment_host_syncs"]["torch_calls_that_sync"] == 1 and r["randaugment_host_syncs"]["passed"]
+    assert r["randaugment_host_syncs_masked"]["torch_calls_that_sync"] == 0
+    assert r["bench_augment"]["rows"][0]["masked_equals_grouped"]
     assert r["timm_pipeline_a3"]["images_per_s"] > 0 and r["derived"]["ours_vs_timm_pipeline"] > 0
     assert [row["threads"] for row in r["loader_scaling"]["rows"]][0] == 1 and r["profile_a3_step"]["top"]
     so = next((repo / "rsb_ffcv").glob("_jpeg*.so"))

@@ -10,7 +10,7 @@ from scipy import stats
 from timm.data import auto_augment as aa
 
 from rsb_ffcv.bench.common import HostSyncs
-from rsb_ffcv.randaugment import FILL, OPS, RandAugment
+from rsb_ffcv.randaugment import FILL, INTERPOLATIONS, OPS, RandAugment
 
 PIL_INTERP = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 LUT_OPS = {"AutoContrast", "Equalize", "Invert", "PosterizeIncreasing", "SolarizeIncreasing", "SolarizeAdd"}
@@ -177,21 +177,61 @@ def test_images_of_a_batch_draw_independently():
     assert abs(np.corrcoef(mags[0::2], mags[1::2])[0, 1]) < 0.05
 
 
+@pytest.mark.parametrize("batching,waits", [("grouped", ["tolist"]), ("masked", [])])
 @pytest.mark.parametrize("interpolation", ["bicubic", "random"])
-def test_a_forward_waits_for_the_device_once_and_never_writes_its_input(images, interpolation):
+def test_a_forward_waits_for_the_device_at_most_once_and_never_writes_its_input(images, interpolation, batching,
+                                                                               waits):
     _, batch = images
     batch = batch.repeat(8, 1, 1, 1)  # 64 images: every op kind is drawn
-    ra = RandAugment("rand-m9-mstd0.5-inc1", interpolation=interpolation)
+    ra = RandAugment("rand-m9-mstd0.5-inc1", interpolation=interpolation, batching=batching)
     ra(batch.clone(), generator=torch.Generator().manual_seed(0))  # constants are made once per device
     for layout in (torch.contiguous_format, torch.channels_last):
         x = batch.clone().contiguous(memory_format=layout)
         before = x.clone()
         with HostSyncs() as counted:
             out = ra(x, generator=torch.Generator().manual_seed(1))
-        assert counted.syncs == ["tolist"] and ra.num_layers == 2, counted.syncs  # one read for both layers
+        assert counted.syncs == waits and ra.num_layers == 2, counted.syncs  # grouped: one read for both layers
         assert counted.copies == [], counted.copies
+        assert out.is_contiguous(memory_format=layout)
         assert torch.equal(x, before) and out.data_ptr() != x.data_ptr()  # the caller's batch is untouched
         assert not torch.equal(out, before)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("interpolation", INTERPOLATIONS)
+def test_masked_batching_equals_grouped_to_the_bit(images, interpolation, device):
+    """Every op and filter over the whole batch, each image keeping its own: the same images as sorting by op,
+    for draws of every kind (all ops applied with p1.0, magnitudes spread by mstd101, three layers, rand-n0)."""
+    _, batch = images
+    batch = batch.repeat(6, 1, 1, 1).to(device)  # 48 images
+    for config in ("rand-m9-mstd0.5-inc1", "rand-m10-n3-p1.0-mstd101-inc1", "rand-n0-m9-inc1"):
+        grouped = RandAugment(config, interpolation)
+        masked = RandAugment(config, interpolation, batching="masked")
+        for seed in range(2):
+            p = grouped.sample(batch.shape[0], device, torch.Generator(device=device).manual_seed(seed))
+            want, got = grouped(batch, params=p), masked(batch, params=p)
+            assert torch.equal(got, want), (config, seed, (got != want).sum())
+            if config != "rand-n0-m9-inc1":
+                assert (got != batch).flatten(1).any(1).float().mean() > 0.5  # most images changed
+    with pytest.raises(ValueError, match="batching 'sorted': expected one of grouped, masked"):
+        RandAugment("rand-m9-inc1", batching="sorted")
+
+
+@pytest.mark.slow  # one torch.compile (~30 s on 2 cores)
+def test_masked_batching_compiles_as_one_graph_and_keeps_the_images(images):
+    """fullgraph=True: no graph break, so no host sync; the draw stays eager, so the images are the same."""
+    _, batch = images
+    batch = batch.repeat(4, 1, 1, 1)
+    grouped = RandAugment("rand-m9-n1-p1.0-mstd0.5-inc1", "random")  # one layer: half the graph to compile
+    compiled = RandAugment("rand-m9-n1-p1.0-mstd0.5-inc1", "random", batching="masked", compile=True)
+    drawn = set()
+    for seed in range(3):
+        p = grouped.sample(batch.shape[0], "cpu", torch.Generator().manual_seed(seed))
+        drawn |= set(p["op"].flatten().tolist())
+        assert torch.equal(compiled(batch, params=p), grouped(batch, params=p)), seed
+    assert drawn == set(range(len(OPS)))  # every op, each filter
+    with pytest.raises(ValueError, match="compile needs batching='masked'"):
+        RandAugment("rand-m9-inc1", compile=True)
 
 
 def _geometric_params(n, bicubic):

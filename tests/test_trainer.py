@@ -154,7 +154,7 @@ def test_a_recipe_builds_timm_components(demo_betons, tmp_path):
     t = build(["--config", str(ROOT / "rsb_configs" / "a1.yaml"), f"--data.train_dataset={demo_betons}/train.beton",
                f"--data.val_dataset={demo_betons}/val.beton", f"--logging.run_dir={tmp_path}/a1",
                "--logging.wandb_mode=disabled", "--training.batch_size=32", "--training.max_device_batch=8",
-               "--data.num_workers=1"])
+               "--data.num_workers=1", "--augment.rand_augment_batching=masked"])
     r = t.recipe
     assert isinstance(r.optimizer, Lamb) and r.optimizer.defaults["max_grad_norm"] == 1.0
     groups = {g["weight_decay"]: g["params"] for g in r.optimizer.param_groups}
@@ -169,8 +169,8 @@ def test_a_recipe_builds_timm_components(demo_betons, tmp_path):
     assert t.data.train.order.repeats == 3 and t.data.accum == 4  # 4 virtual ranks for 3 repeats
     assert t.data.train.decoder.output_size == (224, 224)
     ra = r.augment.rand_augment
-    assert (ra.config_str, ra.num_layers, ra.magnitude, ra.magnitude_std, ra.prob, ra.interpolation) == \
-        ("rand-m7-mstd0.5-inc1", 2, 7, 0.5, 0.5, "bicubic")
+    assert (ra.config_str, ra.num_layers, ra.magnitude, ra.magnitude_std, ra.prob, ra.interpolation, ra.batching) == \
+        ("rand-m7-mstd0.5-inc1", 2, 7, 0.5, 0.5, "bicubic", "masked")
     assert r.model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     s = r.scheduler  # timm 2021: stepped per epoch
     assert (s.warmup_lr_init, s.lr_min, s.t_initial, s.warmup_t, s.t_in_epochs) == (1e-4, 1e-6, 600, 5, True)
@@ -231,6 +231,7 @@ def test_existing_run_dir_and_bad_config_fail_clearly(demo_betons, tmp_path, cap
              (["--model.arch=resnet_nope"], "model.arch"),
              (["--training.batch_size=15"], "even per-device batch"),
              (["--training.batch_size=480", "--training.max_device_batch=16"], "lower training.batch_size"),
+             (["--augment.rand_augment_compile=true"], "needs augment.rand_augment_batching=masked"),
              ({stops.SIGNAL_HOOK: "x"}, "RANK:STEP"),  # the tests' hooks are checked too
              ({stops.NAN_HOOK: "four"}, "expected a step number"),
              (["--config"], "--config-file: expected one argument")]
