@@ -84,6 +84,11 @@ def _known_keys(config, sections) -> dict:
     return {".".join(path): param for path, param in config.entries.items() if path[0] in sections}
 
 
+def known_keys(sections: tuple[str, ...]) -> set[str]:
+    """The keys of these (imported) sections: what load_config accepts for them."""
+    return set(_known_keys(get_current_config(), sections))
+
+
 class _ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # argparse would print usage and exit; we want one error line
         raise ConfigError(f"{message} (see --help)")

@@ -1,9 +1,10 @@
 """`python -m rsb_ffcv.export --export.model=runs/a3/best.pt --export.out=exports/resnet50_a3
-[--export.weights=auto|ema|model] [--export.evals=runs/eval,...] [--export.push_to=ORG/NAME]`
+[--export.weights=auto|ema|model] [--export.evals=runs/eval,...] [--export.push_to=ORG/NAME [--export.private]]`
 
 A run's checkpoint as a folder that timm and the Hugging Face Hub load as they are. The reference matched is timm's
 own exporter and the Hub layout of timm's released weights (e.g. `timm/resnet50.a1_in1k`): the folder is written by
-`timm.models.save_for_hf` and pushed by `timm.models.push_to_hf_hub`, and loads with
+`timm.models.save_for_hf`, checked by loading it back, pushed as it is in one commit (`HfApi.upload_folder`), and
+loads with
 `timm.create_model("local-dir:FOLDER", pretrained=True)` (or `"hf-hub:ORG/NAME"` once pushed). It holds
 - `model.safetensors`: the plain timm state dict (no `module.` / `_orig_mod.` keys) of the model or its EMA;
 - `config.json`: architecture, num_classes, label_names (the training beton's classes, from the checkpoint) and a
@@ -11,7 +12,8 @@ own exporter and the Hub layout of timm's released weights (e.g. `timm/resnet50.
   interpolation and the normalisation's mean/std, set as the model's pretrained_cfg (timm's pretrained_cfg_overlay)
   that save_for_hf writes, so `timm.data.resolve_model_data_config(model)` gives back the preprocessing the run
   evaluated with;
-- `args.yaml`: the run's full resolved config (the checkpoint's; the trainer reads it back with --config);
+- `args.yaml`: the run's full resolved config (the checkpoint's, without keys today's trainer no longer knows; the
+  trainer reads it back with --config);
 - `README.md`: a Hub model card: the recipe table (rsb_ffcv.report's, the paper's Table 1 rows from this config),
   val / V2 / ReaL top-1 from evaluate's results.json (or "not evaluated"), the training cost from run.json and
   metrics.jsonl, the W&B run, how to load it. Every figure on it is read from the run's files.
@@ -41,7 +43,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from . import cli
 from .cli import first_line
-from .config import BoolStr, Choice, ConfigError, load_config, nest
+from .config import BoolStr, Choice, ConfigError, known_keys, load_config, nest
 from .files import atomic_path
 from .report import dataset_kind, group, ingredients_rows, markdown_table, read_run
 from .tracking import read_metrics
@@ -61,6 +63,8 @@ Section("export", "a run's checkpoint as a timm / Hugging Face Hub folder").para
                   default=""),
     push_to=Param(str, "ORG/NAME: also push the folder to this Hugging Face Hub repository (needs a token: HF_TOKEN "
                        "or `hf auth login`) ('' = local only)", default=""),
+    private=Param(BoolStr(), "create the Hub repository private (when push_to creates it; an existing one keeps "
+                             "its visibility)", default=False),
     trust_pickles=Param(BoolStr(), "load the checkpoint even if it holds Python objects beyond tensors (only for "
                                    "files you trust: unpickling can run code)", default=False),
 )
@@ -215,9 +219,14 @@ def hub_config(ck: dict) -> dict:
     return label_info(ck["classes"])
 
 
-def args_yaml(cfg: dict) -> str:
-    """The config as the trainer writes config.yaml (and reads with --config)."""
-    return yaml.safe_dump(nest(cfg), sort_keys=True)
+def args_yaml(cfg: dict) -> tuple[str, list[str]]:
+    """The config as the trainer writes config.yaml (and reads with --config), with only the keys today's trainer
+    knows (a checkpoint of an older rsb_ffcv may hold retired ones, which --config would refuse); and the keys
+    left out."""
+    from . import train_config
+    known = known_keys(train_config.SECTIONS)
+    return yaml.safe_dump(nest({k: v for k, v in cfg.items() if k in known}), sort_keys=True), \
+        sorted(set(cfg) - known)
 
 
 # ---- the model card -------------------------------------------------------------------------------------------
@@ -357,6 +366,9 @@ def model_card(*, title: str, ck: dict, source: str, why: str, files: dict, eval
     planned = cfg.get("training.epochs", 0) + cfg.get("lr.cooldown_epochs", 0)
     hub = f"hf-hub:{push_to}" if push_to else "hf-hub:ORG/NAME"
     notes = list(files["notes"])
+    retired = args_yaml(cfg)[1]
+    if retired:
+        notes.append(f"args.yaml leaves out what today's trainer no longer knows: {', '.join(retired)}")
     if cfg.get("data.decoder", "fast") != "fast":
         notes.append("the run evaluated with FFCV's stock centre-crop decoder (OpenCV INTER_AREA resize); timm's "
                      f"transform uses {dcfg['interpolation']}, so accuracy may differ slightly")
@@ -466,7 +478,7 @@ def staged_folder(out: Path):
 def write_folder(folder: Path, model, ck: dict, dcfg: dict, card: str) -> None:
     from timm.models import save_for_hf
     save_for_hf(model, str(folder), model_config=hub_config(ck), safe_serialization=True)
-    (folder / "args.yaml").write_text(args_yaml(ck["config"]))
+    (folder / "args.yaml").write_text(args_yaml(ck["config"])[0])
     (folder / "README.md").write_text(card)
     mask = os.umask(0)
     os.umask(mask)
@@ -490,9 +502,9 @@ def check_folder(folder: Path, model, dcfg: dict) -> None:
                            f"preprocessing {got} vs {want})")
 
 
-def push(folder: Path, repo: str, model, ck: dict) -> str:
-    """The card and args.yaml first (so that timm's push never writes its generic card), then timm's push_to_hf_hub:
-    model.safetensors and config.json, as save_for_hf wrote them into the folder."""
+def push(folder: Path, repo: str, private: bool) -> str:
+    """The folder as written and checked (model.safetensors, config.json, args.yaml, README.md) in one commit,
+    creating the repository if needed (private if asked)."""
     later = f"the folder {folder} is written; push it later with: hf upload {repo} {folder}"
     from huggingface_hub import HfApi, get_token
     try:
@@ -502,14 +514,11 @@ def push(folder: Path, repo: str, model, ck: dict) -> str:
     if not token:
         raise ConfigError(f"export.push_to={repo}: no Hugging Face token (set HF_TOKEN or run `hf auth login`); "
                           f"{later}")
-    from timm.models import push_to_hf_hub
     try:
         api = HfApi(token=token)
-        api.create_repo(repo, exist_ok=True)
-        api.upload_folder(repo_id=repo, folder_path=str(folder), allow_patterns=["README.md", "args.yaml"],
-                          commit_message="Add the model card and the run's args.yaml (rsb_ffcv export)")
-        push_to_hf_hub(model, repo, token=token, model_config=hub_config(ck), safe_serialization=True,
-                       commit_message="Add model (rsb_ffcv export)")
+        api.create_repo(repo, exist_ok=True, private=private)
+        api.upload_folder(repo_id=repo, folder_path=str(folder), allow_patterns=list(FILES),
+                          commit_message="Add the model, its config, the run's args.yaml and the card (rsb_ffcv export)")
     except Exception as e:  # no network, refused token, no rights on the organisation
         raise ConfigError(f"export.push_to={repo}: the push to the Hugging Face Hub failed ({type(e).__name__}: "
                           f"{first_line(e)}); {later}") from None
@@ -550,7 +559,7 @@ def export(cfg: dict) -> Path:
     print(f"exported {out}: {', '.join(FILES)}")
     print(f"load it with timm.create_model(\"local-dir:{out}\", pretrained=True)")
     if repo:
-        print(f"pushed: {push(out, repo, model, ck)}")
+        print(f"pushed: {push(out, repo, cfg['export.private'])}")
     return out
 
 

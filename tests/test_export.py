@@ -7,6 +7,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -257,6 +258,24 @@ def test_an_ema_run_exports_the_weights_auto_chose(ema_run, tmp_path, capsys):
     assert "evaluated the model's weights" in err and "--eval.use_ema=true" in err and nothing_left(tmp_path / "x")
 
 
+def test_a_checkpoint_of_an_older_rsb_ffcv_gives_an_args_yaml_todays_trainer_reads(demo_model, tmp_path):
+    """Its config holds a key since retired and lacks one added since: args.yaml leaves out the first (the card
+    says so), --config then fills in the second's default."""
+    run = tmp_path / "old_run"
+    shutil.copytree(demo_model, run)
+    ck = torch.load(run / "best.pt", weights_only=True)
+    ck["config"] = {**{k: v for k, v in ck["config"].items() if k != "augment.rand_augment_batching"},
+                    "debug.signal_at": "0:3"}
+    torch.save(ck, run / "best.pt")
+    out = tmp_path / "out"
+    assert export.main([f"--export.model={run}/best.pt", f"--export.out={out}"]) == 0
+    cfg = load_config(TRAIN_SECTIONS, ["--config", str(out / "args.yaml")])
+    assert "debug.signal_at" not in cfg and cfg["augment.rand_augment_batching"] == "grouped"
+    assert {k: v for k, v in cfg.items() if k != "augment.rand_augment_batching"} == \
+        {k: v for k, v in ck["config"].items() if k != "debug.signal_at"}
+    assert "args.yaml leaves out what today's trainer no longer knows: debug.signal_at" in (out / "README.md").read_text()
+
+
 def test_failures_are_one_line_exit_2_and_leave_no_folder(demo_model, exported, tmp_path, monkeypatch, capsys):
     out = tmp_path / "new" / "deeper" / "export"
 
@@ -303,3 +322,32 @@ def test_push_without_a_token_or_a_hub_stops_in_one_line_after_writing_the_folde
         assert f"hf upload someone/rsb-demo {out}" in lines[0]
         assert {q.name for q in out.iterdir()} == FILES and [q.name for q in tmp_path.glob(".*tmp-*")] == []
         assert re.search(r'timm.create_model\("hf-hub:someone/rsb-demo"', (out / "README.md").read_text())
+
+
+def test_a_push_uploads_the_checked_folder_as_it_is_in_one_commit(demo_model, tmp_path, monkeypatch, capsys):
+    """The Hub cannot be reached from the tests: huggingface_hub's HfApi is replaced by a recorder that keeps a copy of
+    what each call would send."""
+    import huggingface_hub
+    calls = []
+
+    class Recorder:
+        def __init__(self, token=None):
+            calls.append(("token", token))
+
+        def create_repo(self, repo_id, exist_ok=False, private=None, **kw):
+            calls.append(("create_repo", repo_id, exist_ok, private))
+
+        def upload_folder(self, repo_id, folder_path, allow_patterns=None, **kw):
+            files = {f.name: f.read_bytes() for f in Path(folder_path).iterdir()
+                     if any(f.match(pattern) for pattern in allow_patterns)}
+            calls.append(("upload_folder", repo_id, files))
+    monkeypatch.setattr(huggingface_hub, "HfApi", Recorder)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_" + "x" * 34)
+    out = tmp_path / "out"
+    assert export.main([f"--export.model={demo_model}/best.pt", f"--export.out={out}",
+                        "--export.push_to=someone/rsb-demo", "--export.private=true"]) == 0
+    assert [c[0] for c in calls] == ["token", "create_repo", "upload_folder"]
+    assert calls[1] == ("create_repo", "someone/rsb-demo", True, True)
+    sent = calls[2][2]
+    assert sent == {f.name: f.read_bytes() for f in out.iterdir()} and set(sent) == FILES  # one commit, as checked
+    assert "pushed: https://huggingface.co/someone/rsb-demo" in capsys.readouterr().out
