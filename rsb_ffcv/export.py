@@ -28,10 +28,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import json
 import os
 import re
-import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -455,23 +455,23 @@ def staged_folder(out: Path):
         p = p.parent
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with atomic_path(out) as tmp:
-            try:
-                tmp.mkdir()
-                yield tmp
-                for f in tmp.iterdir():  # the files on disk before the rename (the rename: atomic_path)
-                    fd = os.open(f, os.O_RDONLY)
-                    try:
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-    except BaseException:
+        with atomic_path(out) as tmp:  # removes the folder on any failure, its rename's included
+            tmp.mkdir()
+            yield tmp
+            for f in tmp.iterdir():  # the files on disk before the rename (the rename: atomic_path)
+                fd = os.open(f, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+    except BaseException as e:
         for d in created:  # innermost first
             with contextlib.suppress(OSError):
                 d.rmdir()
+        if isinstance(e, OSError) and e.errno in (errno.ENOTEMPTY, errno.EEXIST) and out.is_dir() \
+                and any(out.iterdir()):  # the rename onto `out`, which someone filled meanwhile
+            raise ConfigError(f"export.out '{out}' was written to while the export ran: it is left as it is, and "
+                              f"nothing of the export is kept (choose another folder)") from None
         raise
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 
@@ -16,8 +17,9 @@ def _temporary(path: Path, pid: str) -> Path:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
-    """Yields a temporary path to write; on success it becomes `path`. The suffix is kept (matplotlib and
-    PIL choose the format from it)."""
+    """Yields a temporary path to write (a file, or a folder the caller makes); on success it becomes `path`
+    (a folder replaces only an empty one). The suffix is kept (matplotlib and PIL choose the format from it).
+    On any failure, the rename's included, the temporary is removed."""
     path = Path(path)
     tmp = _temporary(path, str(os.getpid()))
     try:
@@ -29,8 +31,11 @@ def atomic_path(path: str | os.PathLike):
             os.close(fd)
         os.replace(tmp, path)
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
 
 
 def stale_temporaries(path: str | os.PathLike) -> list[Path]:

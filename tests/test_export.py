@@ -303,6 +303,19 @@ def test_failures_are_one_line_exit_2_and_leave_no_folder(demo_model, exported, 
     assert "No space left on device" in capsys.readouterr().err
     assert nothing_left(out) and not (tmp_path / "new").exists()
 
+    # an empty folder given as export.out, filled by someone else while the export ran: the rename must not replace
+    # it, and the staged folder must not stay behind
+    monkeypatch.undo()
+    given = tmp_path / "given"
+    given.mkdir()
+
+    def meanwhile(folder, *a):
+        (given / "theirs.txt").write_text("not the export's")
+    monkeypatch.setattr(export, "check_folder", meanwhile)
+    err = expect_error(export.main([f"--export.model={demo_model}/best.pt", f"--export.out={given}"]), capsys)
+    assert f"export.out '{given}' was written to while the export ran" in err
+    assert [p.name for p in given.iterdir()] == ["theirs.txt"] and [p.name for p in tmp_path.glob(".given*")] == []
+
 
 def test_push_without_a_token_or_a_hub_stops_in_one_line_after_writing_the_folder(demo_model, tmp_path):
     """Never the real Hub: an endpoint nothing listens on, an empty HF home."""
