@@ -250,7 +250,7 @@ class Data:
     train: TrainStream
     val: Loader
     steps_per_epoch: int
-    compute_threads: int
+    decode_threads: int  # FFCV's workers of each loader
     in_memory: bool  # the exact random order (False: page-local)
 
     @property
@@ -303,5 +303,5 @@ def build_data(cfg: dict, d) -> Data:
     if steps == 0:
         raise ConfigError(f"training.batch_size={cfg['training.batch_size']} is larger than an epoch of "
                           f"'{cfg['data.train_dataset']}': lower it")
-    return Data(classes, micro, accum, TrainStream(loader, decoder, threads, schedule), val, steps, threads,
+    return Data(classes, micro, accum, TrainStream(loader, decoder, threads, schedule), val, steps, workers,
                 reads.in_memory)

@@ -165,7 +165,7 @@ class Trainer:
         """top1, top5 (top-k for k = min(5, classes)), loss and images of `model` on the val beton, all ranks."""
         k = min(5, len(self.data.classes))
         top, labels, loss = predict(model, self.data.val, self.d.device, self.recipe.precision, k,
-                                    self.data.compute_threads)
+                                    self.data.train.compute_threads)
         n, c1, ck, loss = self.d.all_sum([len(labels), float((top[:, 0] == labels).sum()),
                                           float((top == labels[:, None]).any(1).sum()), loss])
         return {"top1": 100 * c1 / n, "top5": 100 * ck / n, "loss": loss / n, "images": int(n)}

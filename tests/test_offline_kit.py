@@ -111,6 +111,8 @@ def test_lean_bundle_fits_and_gpu_check_sh_passes_its_cpu_rehearsal(tmp_path):
     assert len(list((tmp_path / "out").glob("*.beton"))) == 1  # one corpus beton, shared by every stage
     assert r["randaugment_host_syncs"]["torch_calls_that_sync"] == 1 and r["randaugment_host_syncs"]["passed"]
     assert r["randaugment_host_syncs_masked"]["torch_calls_that_sync"] == 0
+    assert [r[name]["settings"]["rand_augment_batching"] for name in ("bench_train_a3", "bench_train_a3_masked")] == \
+        ["grouped", "masked"]
     assert r["bench_augment"]["rows"][0]["masked_equals_grouped"]
     assert r["timm_pipeline_a3"]["images_per_s"] > 0 and r["derived"]["ours_vs_timm_pipeline"] > 0
     assert [row["threads"] for row in r["loader_scaling"]["rows"]][0] == 1 and r["profile_a3_step"]["top"]

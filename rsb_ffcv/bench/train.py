@@ -120,7 +120,9 @@ def settings_of(trainer: Trainer) -> dict:
             "accumulation": data.accum, "repeated_aug": cfg["training.repeated_aug"],
             "precision": trainer.recipe.precision.name, "compile": cfg["model.compile"],
             "channels_last": cfg["model.channels_last"], "rand_augment": cfg["augment.rand_augment"],
-            "decoder": cfg["data.decoder"], "loader_workers": cfg["data.num_workers"] or data.compute_threads}
+            "rand_augment_batching": cfg["augment.rand_augment_batching"],
+            "rand_augment_compile": cfg["augment.rand_augment_compile"],
+            "decoder": cfg["data.decoder"], "loader_workers": data.decode_threads}
 
 
 def run(config: str, beton: str, device: str, batch: int, steps: int, overrides=(), accum: int = 1) -> dict:
