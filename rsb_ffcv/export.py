@@ -63,8 +63,8 @@ Section("export", "a run's checkpoint as a timm / Hugging Face Hub folder").para
                   default=""),
     push_to=Param(str, "ORG/NAME: also push the folder to this Hugging Face Hub repository (needs a token: HF_TOKEN "
                        "or `hf auth login`) ('' = local only)", default=""),
-    private=Param(BoolStr(), "create the Hub repository private (when push_to creates it; an existing one keeps "
-                             "its visibility)", default=False),
+    private=Param(BoolStr(), "create the Hub repository private (when push_to creates it; false: the account's "
+                             "default; an existing one keeps its visibility)", default=False),
     trust_pickles=Param(BoolStr(), "load the checkpoint even if it holds Python objects beyond tensors (only for "
                                    "files you trust: unpickling can run code)", default=False),
 )
@@ -516,7 +516,7 @@ def push(folder: Path, repo: str, private: bool) -> str:
                           f"{later}")
     try:
         api = HfApi(token=token)
-        api.create_repo(repo, exist_ok=True, private=private)
+        api.create_repo(repo, exist_ok=True, private=private or None)  # None: the account's default
         api.upload_folder(repo_id=repo, folder_path=str(folder), allow_patterns=list(FILES),
                           commit_message="Add the model, its config, the run's args.yaml and the card (rsb_ffcv export)")
     except Exception as e:  # no network, refused token, no rights on the organisation

@@ -2,9 +2,11 @@
 
 Every image draws its own ops (uniformly, with replacement, from the 15 increasing transforms), its own
 apply decisions (prob p), magnitudes (N(m, mstd) clipped to [0, mmax]) and signs, like timm's PIL code
-does image by image, but the work is vectorised: per layer the batch is grouped by op kind (one host sync
-per forward reads the group sizes of every layer), then one pass per colour op and one fused affine resample
-per resampling filter for all geometric ops. interpolation=random draws bilinear or bicubic per image and
+does image by image, but the work is vectorised, in one of two ways that give the same images to the bit
+(eager; tests/test_randaugment.py): `grouped`, per layer the batch is grouped by op kind (one host sync per
+forward reads the group sizes of every layer), then one pass per colour op and one fused affine resample per
+resampling filter for all geometric ops; or `masked`, every op over the whole batch, each image keeping its
+own result (no host sync, the same launches whatever the draw; compilable as one graph). interpolation=random draws bilinear or bicubic per image and
 geometric op, as timm's train.py default did (`_RANDOM_INTERPOLATION`). Colour ops follow PIL's integer definitions
 (ImageOps lookup tables, ImageEnhance's float32 blend with truncation, L = (19595 R + 38470 G + 7471 B
 + 2^15) >> 16, SMOOTH kernel with untouched borders); geometry follows PIL's affine convention (pixel
@@ -257,8 +259,8 @@ def warp(x: torch.Tensor, mats: torch.Tensor, mode: str, fill=FILL, bicubic: tor
     """Resample uint8 images exactly as PIL's Image.transform(AFFINE) does: output pixel (i, j) reads the
     input at M · (j + 0.5, i + 0.5, 1); sample points outside the input get `fill`; bilinear/bicubic clamp
     neighbours to the edge and truncate (bilinear in float64 as PIL: exact; bicubic as float32 weights:
-    within one level of PIL and several times faster). mode "per_image": bicubic where the (b,) mask
-    `bicubic` is set, else bilinear."""
+    within one level of PIL and several times faster). mode "random": bicubic where the (b,) mask `bicubic`
+    is set, else bilinear."""
     b, c, h, w = x.shape
     sx, sy = _source_coords(mats, h, w, mode)
     pixels = x.permute(0, 2, 3, 1).reshape(b * h * w, c)  # whole RGB pixels: one index per neighbour
@@ -278,13 +280,13 @@ def warp(x: torch.Tensor, mats: torch.Tensor, mode: str, fill=FILL, bicubic: tor
 
         def near(r, k):  # (b, h*w, c) values of one neighbour
             return pixels.index_select(0, (rows[r] + cols[k]).flatten()).view(b, h * w, c).float()
-        if mode in ("bilinear", "per_image"):  # PIL's form, in float64: exact
+        if mode in ("bilinear", "random"):  # PIL's form, in float64: exact
             lines = []
             for r in (0, 1):
                 v1, v2 = near(r, 0).double(), near(r, 1).double()
                 lines.append(v1 + (v2 - v1) * dx)
             v = lines[0] + (lines[1] - lines[0]) * dy
-        if mode in ("bicubic", "per_image"):  # PIL's cubic as weights, in float32
+        if mode in ("bicubic", "random"):  # PIL's cubic as weights, in float32
             wx, wy = _cubic_weights(dx.float()), _cubic_weights(dy.float())
             cubic = 0
             for r, wr in zip(offsets, wy):
@@ -358,7 +360,8 @@ class RandAugment(torch.nn.Module):
         if compile and batching != "masked":
             raise ValueError("compile needs batching='masked' (grouped reads its group sizes on the host)")
         self.batching = batching
-        # compile: torch.compile the masked work (one graph, fixed shapes); the draw stays eager, so the same images
+        # compile: torch.compile the masked work (one graph, fixed shapes); the draw stays eager. The same images on
+        # the CPU (tested); Triton may fuse a multiply and an add, so on a GPU a value may round one level apart
         self.apply_masked = torch.compile(self._apply_masked, fullgraph=True, dynamic=False) if compile \
             else self._apply_masked
         cfg = parse_config(config_str)
@@ -420,6 +423,7 @@ class RandAugment(torch.nn.Module):
         b, _, h, w = x.shape
         p = params or self.sample(b, x.device, generator)
         if self.batching == "masked":
+            constants(x.device)  # made here, eagerly: not inside a compiled graph
             x = self.apply_masked(x, p) if self.num_layers else images.clone()
             return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         keys = [self._sort_keys(p, layer) for layer in range(self.num_layers)]
@@ -480,8 +484,8 @@ class RandAugment(torch.nn.Module):
         for name, affine in NAME_TO_AFFINE.items():
             geometric = geometric | drew(name)
             mats = torch.where(drew(name).view(b, 1, 1), affine(arg(name), w, h), mats)
-        if self.interpolation == "random":
-            warped = warp(x, mats, "per_image", self.fill, bicubic=p["bicubic"][:, layer])
-        else:
-            warped = warp(x, mats, self.interpolation, self.fill)
+        if self.interpolation == "random" and "bicubic" in p:
+            warped = warp(x, mats, "random", self.fill, bicubic=p["bicubic"][:, layer])
+        else:  # params without the draw of filters: bicubic, as in grouped
+            warped = warp(x, mats, "bicubic" if self.interpolation == "random" else self.interpolation, self.fill)
         return torch.where(geometric.view(b, 1, 1, 1), warped, x)

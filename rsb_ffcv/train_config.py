@@ -103,8 +103,9 @@ Section("augment", "augmentation, batched on the device").params(
                                 "to the bit: grouped (sorted by op: least arithmetic, one host sync per batch) or "
                                 "masked (every op over the whole batch: no host sync, the same launches every "
                                 "batch)", default="grouped"),
-    rand_augment_compile=Param(bool, "torch.compile RandAugment's per-image work as one graph (needs "
-                               "rand_augment_batching=masked; the draw stays eager: the same images)", default=False),
+    rand_augment_compile=Param(BoolStr(), "torch.compile RandAugment's per-image work as one graph (needs "
+                               "rand_augment_batching=masked; the draw stays eager: the same images on the CPU, on "
+                               "a GPU a value may round one level apart)", default=False),
     mixup_alpha=Param(float, "Mixup alpha (0 = off)", default=0.0),
     cutmix_alpha=Param(float, "CutMix alpha (0 = off)", default=0.0),
     mixup_prob=Param(float, "probability of mixing a batch", default=1.0),

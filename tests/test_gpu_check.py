@@ -39,3 +39,16 @@ def test_chosen_stages_run_alone(tmp_path):
         gpu_check.check(["--gpu_check.device=cpu", f"--gpu_check.out_dir={tmp_path / 'typo'}",
                          "--gpu_check.stages=randaugment_syncs"])
     assert not (tmp_path / "typo").exists()  # refused before any work
+
+
+def test_the_readmes_follow_up_gpu_call_names_stages_that_exist(capsys):
+    """The call README gives for the next GPU session, planned at full size here (plan_only: nothing runs)."""
+    import re
+
+    from conftest import ROOT
+    readme = (ROOT / "README.md").read_text().replace("\n", " ")
+    stages = re.search(r"scripts/gpu_check.sh offline_bundle [^`]*--gpu_check.stages=([\w,]+)`", readme).group(1)
+    assert gpu_check.check(["--gpu_check.device=cpu", "--gpu_check.plan_only=true",
+                            f"--gpu_check.stages={stages}"]) == 0
+    planned = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.endswith("s allowed")]
+    assert sorted(planned) == sorted(stages.split(",")) and "bench_train_a3_160px_masked_compiled" in planned

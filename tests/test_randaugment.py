@@ -204,7 +204,8 @@ def test_masked_batching_equals_grouped_to_the_bit(images, interpolation, device
     for draws of every kind (all ops applied with p1.0, magnitudes spread by mstd101, three layers, rand-n0)."""
     _, batch = images
     batch = batch.repeat(6, 1, 1, 1).to(device)  # 48 images
-    for config in ("rand-m9-mstd0.5-inc1", "rand-m10-n3-p1.0-mstd101-inc1", "rand-n0-m9-inc1"):
+    drawn = set()
+    for config in ("rand-m9-mstd0.5-inc1", "rand-m9-p1.0-inc1", "rand-m10-n3-p1.0-mstd101-inc1", "rand-n0-m9-inc1"):
         grouped = RandAugment(config, interpolation)
         masked = RandAugment(config, interpolation, batching="masked")
         for seed in range(2):
@@ -212,7 +213,12 @@ def test_masked_batching_equals_grouped_to_the_bit(images, interpolation, device
             want, got = grouped(batch, params=p), masked(batch, params=p)
             assert torch.equal(got, want), (config, seed, (got != want).sum())
             if config != "rand-n0-m9-inc1":
+                drawn |= set((p["op"] + 100 * p["applied"]).flatten().tolist())  # op index + 100 if applied
                 assert (got != batch).flatten(1).any(1).float().mean() > 0.5  # most images changed
+    assert drawn >= {100 + i for i in range(len(OPS))}  # every op applied (m9: magnitude 9 exactly, in p1.0)
+    if interpolation == "random":  # params without the draw of filters: bicubic in both
+        p = {k: v for k, v in p.items() if k != "bicubic"}
+        assert torch.equal(masked(batch, params=p), grouped(batch, params=p))
     with pytest.raises(ValueError, match="batching 'sorted': expected one of grouped, masked"):
         RandAugment("rand-m9-inc1", batching="sorted")
 
@@ -221,15 +227,18 @@ def test_masked_batching_equals_grouped_to_the_bit(images, interpolation, device
 def test_masked_batching_compiles_as_one_graph_and_keeps_the_images(images):
     """fullgraph=True: no graph break, so no host sync; the draw stays eager, so the images are the same."""
     _, batch = images
-    batch = batch.repeat(4, 1, 1, 1)
+    batch = batch.repeat(6, 1, 1, 1)
     grouped = RandAugment("rand-m9-n1-p1.0-mstd0.5-inc1", "random")  # one layer: half the graph to compile
     compiled = RandAugment("rand-m9-n1-p1.0-mstd0.5-inc1", "random", batching="masked", compile=True)
+    fixed = RandAugment("rand-m9-n1-p1.0-inc1", "random")  # magnitude 9 exactly: draws on rounding ties
     drawn = set()
-    for seed in range(3):
-        p = grouped.sample(batch.shape[0], "cpu", torch.Generator().manual_seed(seed))
-        drawn |= set(p["op"].flatten().tolist())
+    for seed, sampler in ((0, grouped), (1, grouped), (2, fixed)):  # the magnitudes are data: one graph for both
+        p = sampler.sample(batch.shape[0], "cpu", torch.Generator().manual_seed(seed))
+        drawn |= set(zip(p["op"].flatten().tolist(), p["bicubic"].flatten().tolist()))
         assert torch.equal(compiled(batch, params=p), grouped(batch, params=p)), seed
-    assert drawn == set(range(len(OPS)))  # every op, each filter
+    geometric = [OPS.index(n) for n in ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")]
+    assert {op for op, _ in drawn} == set(range(len(OPS)))  # every op
+    assert drawn >= {(op, bicubic) for op in geometric for bicubic in (False, True)}  # each geometric op, each filter
     with pytest.raises(ValueError, match="compile needs batching='masked'"):
         RandAugment("rand-m9-inc1", compile=True)
 

@@ -19,7 +19,7 @@ from timm.data.auto_augment import rand_augment_transform
 from timm.data.transforms import str_to_pil_interp
 
 from ..augment import TrainAugment
-from ..config import ConfigError, load_config
+from ..config import BoolStr, ConfigError, load_config
 from ..randaugment import FILL, RandAugment
 from .common import describe, machine, pick_device, save, timed
 from .corpus import make_photo
@@ -29,7 +29,7 @@ Section("bench_augment", "the RandAugment benchmark").params(
     sizes=Param(str, "comma-separated image sizes", default="160,224"),
     batch=Param(int, "batch size", default=256),
     timm_images=Param(int, "images timed through timm's PIL path", default=64),
-    compile=Param(bool, "also time the masked batching under torch.compile (compiles once per size: ~40 s on a CPU)",
+    compile=Param(BoolStr(), "also time the masked batching under torch.compile (compiles once per size: ~40 s on a CPU)",
                   default=False),
 )
 SECTIONS = ("bench", "bench_augment")

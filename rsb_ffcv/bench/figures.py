@@ -51,11 +51,18 @@ def render(results: str | Path) -> str:
     for name, r in loader["ratios_median"].items():
         lines.append(f"| {name} | {r:.2f}× | {loader['ratios_cpu_median'][name]:.2f}× |")
     lines += ["", "| other benchmark | figures | machine | command |", "|---|---|---|---|"]
+    def batchings(r):  # the other batchings, timed on the same draws as the grouped one
+        names = [n for n in ("masked", "masked_compiled", "masked_cuda_graph") if f"{n}_images_per_s" in r]
+        return "".join(f"; {n.replace('_', ' ')} {r[f'{n}_images_per_s']:,.0f} ({r[f'ratio_{n}_vs_grouped']:.2f}×"
+                       f"{'' if r[f'{n}_equals_grouped'] else ', NOT equal'})" for n in names)
     rows = "; ".join(f"{r['size']} px: {r['ours_images_per_s']:,.0f} img/s (with normalise + Mixup/CutMix "
                      f"{r['ours_full_device_transform_images_per_s']:,.0f}), timm PIL on one core "
-                     f"{r['timm_pil_one_core_images_per_s']:,.0f}" for r in augment["results"])
-    lines.append(f"| RandAugment {augment['config']}, batch {augment['results'][0]['batch']} | {rows} | "
-                 f"{_machine(augment['machine'])} | `python -m rsb_ffcv.bench augment` |")
+                     f"{r['timm_pil_one_core_images_per_s']:,.0f}{batchings(r)}" for r in augment["results"])
+    compiled = any("masked_compiled_images_per_s" in r for r in augment["results"])
+    lines.append(f"| RandAugment {augment['config']}, batch {augment['results'][0]['batch']}, grouped; its other "
+                 f"batchings on the same draws (× grouped; equal images unless said) | {rows} | "
+                 f"{_machine(augment['machine'])} | `python -m rsb_ffcv.bench augment"
+                 f"{' --bench_augment.compile=true' if compiled else ''}` |")
     t = train["settings"]
     lines.append(f"| end-to-end training step, {t['arch']} at {t['resolution']} px, batch {t['batch']}, timed inside "
                  f"epochs | {train['real_images_per_s']:,.1f} img/s from betons vs {train['synthetic_images_per_s']:,.1f} "
