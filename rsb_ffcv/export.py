@@ -518,7 +518,8 @@ def push(folder: Path, repo: str, private: bool) -> str:
         api = HfApi(token=token)
         api.create_repo(repo, exist_ok=True, private=private or None)  # None: the account's default
         api.upload_folder(repo_id=repo, folder_path=str(folder), allow_patterns=list(FILES),
-                          commit_message="Add the model, its config, the run's args.yaml and the card (rsb_ffcv export)")
+                          commit_message="Add the model, its config, the run's args.yaml and the card "
+                                         "(rsb_ffcv export)")
     except Exception as e:  # no network, refused token, no rights on the organisation
         raise ConfigError(f"export.push_to={repo}: the push to the Hugging Face Hub failed ({type(e).__name__}: "
                           f"{first_line(e)}); {later}") from None

@@ -1,18 +1,18 @@
 """Batched, per-sample RandAugment equal to timm's `rand-mM-mstdS-inc1` (timm `RandAugment` + `AugmentOp`).
 
-Every image draws its own ops (uniformly, with replacement, from the 15 increasing transforms), its own
-apply decisions (prob p), magnitudes (N(m, mstd) clipped to [0, mmax]) and signs, like timm's PIL code
-does image by image, but the work is vectorised, in one of two ways that give the same images to the bit
-(eager; tests/test_randaugment.py): `grouped`, per layer the batch is grouped by op kind (one host sync per
-forward reads the group sizes of every layer), then one pass per colour op and one fused affine resample per
+Every image draws its own ops (uniformly, with replacement, from the 15 increasing transforms), its own apply
+decisions (prob p), magnitudes (N(m, mstd) clipped to [0, mmax]) and signs, like timm's PIL code does image by
+image, but the work is vectorised, in one of two ways that give the same images to the bit (eager;
+tests/test_randaugment.py): `grouped`, per layer the batch is grouped by op kind (one host sync per forward
+reads the group sizes of every layer), then one pass per colour op and one fused affine resample per
 resampling filter for all geometric ops; or `masked`, every op over the whole batch, each image keeping its
-own result (no host sync, the same launches whatever the draw; compilable as one graph). interpolation=random draws bilinear or bicubic per image and
-geometric op, as timm's train.py default did (`_RANDOM_INTERPOLATION`). Colour ops follow PIL's integer definitions
-(ImageOps lookup tables, ImageEnhance's float32 blend with truncation, L = (19595 R + 38470 G + 7471 B
-+ 2^15) >> 16, SMOOTH kernel with untouched borders); geometry follows PIL's affine convention (pixel
-centres at +0.5, matrices mapping output to input, fill outside the image). Measured against timm's PIL
-ops (tests/test_randaugment.py): colour ops and nearest geometry pixel-exact, bilinear exact but for a few
-Rotate pixels (±1), bicubic within ±1 (MAE ≤ 0.017).
+own result (no host sync, the same launches whatever the draw; compilable as one graph). interpolation=random
+draws bilinear or bicubic per image and geometric op, as timm's train.py default did
+(`_RANDOM_INTERPOLATION`). Colour ops follow PIL's integer definitions (ImageOps lookup tables, ImageEnhance's
+float32 blend with truncation, L = (19595 R + 38470 G + 7471 B + 2^15) >> 16, SMOOTH kernel with untouched
+borders); geometry follows PIL's affine convention (pixel centres at +0.5, matrices mapping output to input,
+fill outside the image). Measured against timm's PIL ops (tests/test_randaugment.py): colour ops and nearest
+geometry pixel-exact, bilinear exact but for a few Rotate pixels (±1), bicubic within ±1 (MAE ≤ 0.017).
 """
 from __future__ import annotations
 
@@ -478,7 +478,7 @@ class RandAugment(torch.nn.Module):
         for name, table in NAME_TO_LUT.items():
             lut = torch.where(drew(name).view(b, 1, 1), table(x, arg(name)), lut)
         x = _apply_lut(x, lut)
-        for name in [n for n in NAME_TO_OP if n not in NAME_TO_LUT]:  # Color, Sharpness: every pixel's own neighbourhood
+        for name in [n for n in NAME_TO_OP if n not in NAME_TO_LUT]:  # Color, Sharpness: each pixel's neighbours
             x = torch.where(drew(name).view(b, 1, 1, 1), NAME_TO_OP[name](x, arg(name)), x)
         geometric, mats = torch.zeros_like(applied), _identity(lv)
         for name, affine in NAME_TO_AFFINE.items():

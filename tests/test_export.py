@@ -273,7 +273,8 @@ def test_a_checkpoint_of_an_older_rsb_ffcv_gives_an_args_yaml_todays_trainer_rea
     assert "debug.signal_at" not in cfg and cfg["augment.rand_augment_batching"] == "grouped"
     assert {k: v for k, v in cfg.items() if k != "augment.rand_augment_batching"} == \
         {k: v for k, v in ck["config"].items() if k != "debug.signal_at"}
-    assert "args.yaml leaves out what today's trainer no longer knows: debug.signal_at" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "args.yaml leaves out what today's trainer no longer knows: debug.signal_at" in card
 
 
 def test_failures_are_one_line_exit_2_and_leave_no_folder(demo_model, exported, tmp_path, monkeypatch, capsys):

@@ -29,7 +29,8 @@ Section("bench_augment", "the RandAugment benchmark").params(
     sizes=Param(str, "comma-separated image sizes", default="160,224"),
     batch=Param(int, "batch size", default=256),
     timm_images=Param(int, "images timed through timm's PIL path", default=64),
-    compile=Param(BoolStr(), "also time the masked batching under torch.compile (compiles once per size: ~40 s on a CPU)",
+    compile=Param(BoolStr(), "also time the masked batching under torch.compile (compiles once per size: ~40 s on "
+                             "a CPU)",
                   default=False),
 )
 SECTIONS = ("bench", "bench_augment")

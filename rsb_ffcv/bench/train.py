@@ -1,15 +1,15 @@
 """End-to-end training throughput and data stall: `python -m rsb_ffcv.bench train [--bench_train.config=rsb_configs/a3.yaml]`.
 
-The trainer's own step (device RandAugment + normalise + Mixup/CutMix, forward/backward under the
-configured precision, optimizer) runs fed by the trainer's FFCV loader from a beton of the ImageNet-shaped
-corpus (real), and on one device-resident batch of the same shape (synthetic: no loading at all), in the
-order model step, synthetic, real, synthetic, model step (the faster of each pair counts: machines drift).
-The model step alone is forward/backward/optimizer on one batch augmented beforehand: what the device
-augmentation costs is the gap to synthetic. Timing happens inside epochs: each epoch's first 3 batches (the loader starting up) run
-untimed, as they are a one-off per epoch that a 1.28M-image ImageNet epoch amortises. data stall =
-(synthetic rate - real rate) / synthetic rate; data wait = the share of the timed real steps the main thread
-spent waiting for the next batch. GPU when present; on a CPU the default is a small model at a lower
-resolution (a ResNet-50 step takes seconds there).
+The trainer's own step (device RandAugment + normalise + Mixup/CutMix, forward/backward under the configured
+precision, optimizer) runs fed by the trainer's FFCV loader from a beton of the ImageNet-shaped corpus (real),
+and on one device-resident batch of the same shape (synthetic: no loading at all), in the order model step,
+synthetic, real, synthetic, model step (the faster of each pair counts: machines drift). The model step alone
+is forward/backward/optimizer on one batch augmented beforehand: what the device augmentation costs is the gap
+to synthetic. Timing happens inside epochs: each epoch's first 3 batches (the loader starting up) run untimed,
+as they are a one-off per epoch that a 1.28M-image ImageNet epoch amortises. data stall = (synthetic rate -
+real rate) / synthetic rate; data wait = the share of the timed real steps the main thread spent waiting for
+the next batch. GPU when present; on a CPU the default is a small model at a lower resolution (a ResNet-50
+step takes seconds there).
 """
 from __future__ import annotations
 
