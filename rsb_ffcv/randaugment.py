@@ -327,6 +327,16 @@ NAME_TO_AFFINE = {  # geometric ops: (b,) arguments → (b,2,3) PIL affine matri
     "Rotate": rotate, "ShearX": shear_x, "ShearY": shear_y, "TranslateXRel": translate_x_rel,
     "TranslateYRel": translate_y_rel,
 }
+def affine_matrices(op: torch.Tensor, lv: torch.Tensor, sign: torch.Tensor, width: int, height: int,
+                    hparams: dict) -> torch.Tensor:
+    """(b,2,3) PIL matrices of each image's geometric op (`op`: indices into OPS); the identity for the others."""
+    mats = _identity(lv)
+    for name, affine in NAME_TO_AFFINE.items():
+        m = affine(LEVEL_TO_ARG[name](lv, sign, hparams), width, height)
+        mats = torch.where((op == OPS.index(name)).view(-1, 1, 1), m, mats)
+    return mats
+
+
 NAME_TO_LUT = {  # the colour ops that map values through a per-image table: (x, arg) → (b,3,256)
     "AutoContrast": lambda x, arg: auto_contrast_lut(x), "Equalize": lambda x, arg: equalize_lut(x),
     "Invert": pointwise_lut(NAME_TO_OP["Invert"]), "PosterizeIncreasing": pointwise_lut(posterize),
@@ -422,15 +432,15 @@ class RandAugment(torch.nn.Module):
         x = images.contiguous()
         b, _, h, w = x.shape
         p = params or self.sample(b, x.device, generator)
+        if not self.num_layers:  # rand-n0: nothing to do, but a new batch as always
+            return images.clone()
         if self.batching == "masked":
             constants(x.device)  # made here, eagerly: not inside a compiled graph
-            x = self.apply_masked(x, p) if self.num_layers else images.clone()
+            x = self.apply_masked(x, p)
             return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         keys = [self._sort_keys(p, layer) for layer in range(self.num_layers)]
         # The slice sizes of every layer, read in one go: the forward's one host sync. Counted by comparison,
         # not torch.bincount, which on CUDA reads the keys' min and max on the host first (two more syncs).
-        if not keys:  # rand-n0: nothing to do, but a new batch as always
-            return images.clone()
         kinds = torch.arange(self.key_skip + 1, device=keys[0].device).view(1, -1, 1)
         all_counts = (torch.stack(keys).unsqueeze(1) == kinds).sum(-1).tolist()
         for layer, (key, counts) in enumerate(zip(keys, all_counts, strict=True)):
@@ -450,10 +460,7 @@ class RandAugment(torch.nn.Module):
                     arg = level_fn(lv[sl], sign[sl], self.hparams) if level_fn else None
                     xs[sl] = NAME_TO_OP[name](xs[sl], arg)
                 else:  # every geometric op of this resampling filter: one fused resample
-                    mats = _identity(lv[sl])
-                    for name, affine in NAME_TO_AFFINE.items():
-                        m = affine(LEVEL_TO_ARG[name](lv[sl], sign[sl], self.hparams), w, h)
-                        mats = torch.where((op[sl] == OPS.index(name)).view(-1, 1, 1), m, mats)
+                    mats = affine_matrices(op[sl], lv[sl], sign[sl], w, h, self.hparams)
                     xs[sl] = warp(xs[sl], mats, self.resample_modes[k - self.key_geometric], self.fill)
             x = torch.empty_like(xs).index_copy_(0, order, xs)
         return x.contiguous(memory_format=torch.channels_last) if channels_last else x
@@ -480,10 +487,10 @@ class RandAugment(torch.nn.Module):
         x = _apply_lut(x, lut)
         for name in [n for n in NAME_TO_OP if n not in NAME_TO_LUT]:  # Color, Sharpness: each pixel's neighbours
             x = torch.where(drew(name).view(b, 1, 1, 1), NAME_TO_OP[name](x, arg(name)), x)
-        geometric, mats = torch.zeros_like(applied), _identity(lv)
-        for name, affine in NAME_TO_AFFINE.items():
+        geometric = torch.zeros_like(applied)
+        for name in NAME_TO_AFFINE:
             geometric = geometric | drew(name)
-            mats = torch.where(drew(name).view(b, 1, 1), affine(arg(name), w, h), mats)
+        mats = affine_matrices(op, lv, sign, w, h, self.hparams)
         if self.interpolation == "random" and "bicubic" in p:
             warped = warp(x, mats, "random", self.fill, bicubic=p["bicubic"][:, layer])
         else:  # params without the draw of filters: bicubic, as in grouped
