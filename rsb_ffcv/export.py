@@ -219,14 +219,17 @@ def hub_config(ck: dict) -> dict:
     return label_info(ck["classes"])
 
 
-def args_yaml(cfg: dict) -> tuple[str, list[str]]:
-    """The config as the trainer writes config.yaml (and reads with --config), with only the keys today's trainer
-    knows (a checkpoint of an older rsb_ffcv may hold retired ones, which --config would refuse); and the keys
-    left out."""
+def retired_keys(cfg: dict) -> list[str]:
+    """The keys of a checkpoint's config that today's trainer no longer knows (an older rsb_ffcv wrote them)."""
     from . import train_config
-    known = known_keys(train_config.SECTIONS)
-    return yaml.safe_dump(nest({k: v for k, v in cfg.items() if k in known}), sort_keys=True), \
-        sorted(set(cfg) - known)
+    return sorted(set(cfg) - known_keys(train_config.SECTIONS))
+
+
+def args_yaml(cfg: dict) -> str:
+    """The config as the trainer writes config.yaml (and reads with --config), without its retired keys (which
+    --config would refuse)."""
+    retired = set(retired_keys(cfg))
+    return yaml.safe_dump(nest({k: v for k, v in cfg.items() if k not in retired}), sort_keys=True)
 
 
 # ---- the model card -------------------------------------------------------------------------------------------
@@ -366,7 +369,7 @@ def model_card(*, title: str, ck: dict, source: str, why: str, files: dict, eval
     planned = cfg.get("training.epochs", 0) + cfg.get("lr.cooldown_epochs", 0)
     hub = f"hf-hub:{push_to}" if push_to else "hf-hub:ORG/NAME"
     notes = list(files["notes"])
-    retired = args_yaml(cfg)[1]
+    retired = retired_keys(cfg)
     if retired:
         notes.append(f"args.yaml leaves out what today's trainer no longer knows: {', '.join(retired)}")
     if cfg.get("data.decoder", "fast") != "fast":
@@ -455,15 +458,9 @@ def staged_folder(out: Path):
         p = p.parent
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with atomic_path(out) as tmp:  # removes the folder on any failure, its rename's included
+        with atomic_path(out) as tmp:  # its files on disk, then the rename; the folder removed on any failure
             tmp.mkdir()
             yield tmp
-            for f in tmp.iterdir():  # the files on disk before the rename (the rename: atomic_path)
-                fd = os.open(f, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
     except BaseException as e:
         for d in created:  # innermost first
             with contextlib.suppress(OSError):
@@ -478,7 +475,7 @@ def staged_folder(out: Path):
 def write_folder(folder: Path, model, ck: dict, dcfg: dict, card: str) -> None:
     from timm.models import save_for_hf
     save_for_hf(model, str(folder), model_config=hub_config(ck), safe_serialization=True)
-    (folder / "args.yaml").write_text(args_yaml(ck["config"])[0])
+    (folder / "args.yaml").write_text(args_yaml(ck["config"]))
     (folder / "README.md").write_text(card)
     mask = os.umask(0)
     os.umask(mask)

@@ -17,18 +17,20 @@ def _temporary(path: Path, pid: str) -> Path:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
-    """Yields a temporary path to write (a file, or a folder the caller makes); on success it becomes `path`
-    (a folder replaces only an empty one). The suffix is kept (matplotlib and PIL choose the format from it).
-    On any failure, the rename's included, the temporary is removed."""
+    """Yields a temporary path to write (a file, or a folder the caller makes and fills with files); on success it
+    is flushed to disk (a folder's files too) and becomes `path` (a folder replaces only an empty one). The suffix
+    is kept (matplotlib and PIL choose the format from it). On any failure, the rename's included, the temporary
+    is removed."""
     path = Path(path)
     tmp = _temporary(path, str(os.getpid()))
     try:
         yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        for f in [*(tmp.iterdir() if tmp.is_dir() else []), tmp]:
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         os.replace(tmp, path)
     finally:
         if tmp.is_dir() and not tmp.is_symlink():
